@@ -1,0 +1,7 @@
+"""bsa-flex: Bidirectional Sparse Attention for video diffusion transformers on FlexAttention."""
+from .attention import BSARecompileWarning, attention
+from .config import BSAConfig
+from .stats import BSAStats
+
+__all__ = ["attention", "BSAConfig", "BSAStats", "BSARecompileWarning"]
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""``bsa_flex.attention``: Bidirectional Sparse Attention, read top to bottom as in the paper."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from masks import (Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
+                   select_kv_blocks, select_queries, tile_layout, to_tile_major)
+
+from ._checks import check_inputs
+from .config import BSAConfig
+from .paths import attend_blockwise, attend_flex
+from .stats import BSAStats, collect_stats
+
+__all__ = ["attention", "sparse_attention", "BSARecompileWarning"]
+
+log = logging.getLogger("bsa_flex")
+
+
+class BSARecompileWarning(UserWarning):
+    """The compiled BSA graph was compiled again, for a new input signature."""
+
+
+def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, config: BSAConfig,
+                     scale: float, score_mod: Callable | None, attend: Callable):
+    """The BSA operator on validated inputs: (out [B, Hq, S, D], lse [B, Hq, S] or None, Selection).
+
+    threshold: 0-dim float32 tensor holding the KV rule's number (p or z), a tensor so that
+    changing it never recompiles. ``attend`` is ``attend_flex`` or ``attend_blockwise``.
+    """
+    bs = layout.block_size
+    kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
+    q_kept = gather_tokens(q, kept.kept_token)  # [B, Hq, Nq, D] compact queries
+    k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)  # [B, Hkv, n_slots, D]
+    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs),
+                           pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_valid, scale)
+    own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])
+    kv_blocks = select_kv_blocks(probs, own, layout.kv_block_valid, threshold, config.kv_rule,
+                                 config.min_kv_blocks, config.max_kv_blocks)  # select KV blocks
+    out_kept, lse_kept = attend(q_kept, k_slots, v_slots, kv_blocks, kept.kept_token, layout, scale, score_mod)
+    out = gather_tokens(out_kept, kept.fill_source)  # scatter, fill pruned queries, untile: one gather
+    lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
+    return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, kv_blocks)
+
+
+def _compile(fn):
+    """fullgraph, static shapes; a per-region recompile budget where this torch has one."""
+    options = dict(fullgraph=True, dynamic=False)
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = 64
+    return torch.compile(fn, **options)
+
+
+_compiled_sparse_attention = _compile(sparse_attention)
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def _run_compiled(q, k, v, *args):
+    """Run the compiled operator and say so whenever that compiled a new graph."""
+    before = _graphs_compiled()
+    result = _compiled_sparse_attention(q, k, v, *args)
+    if _graphs_compiled() > before:
+        _run_compiled.graphs += 1
+        signature = (f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "
+                     f"requires_grad {q.requires_grad or k.requires_grad or v.requires_grad}")
+        if _run_compiled.graphs == 1:
+            log.info("bsa_flex: compiled the sparse-attention graph for %s", signature)
+        else:
+            warnings.warn(
+                f"bsa_flex: compiled the sparse-attention graph again (graph #{_run_compiled.graphs}) for "
+                f"{signature}. Each new shape, dtype, device, grad mode, scale, score_mod or structural "
+                f"config value (query_keep_ratio, tile, window, block_size, kv_rule, min/max_kv_blocks, "
+                f"fill) compiles once; kv_threshold and kv_zscore never recompile.",
+                BSARecompileWarning, stacklevel=3)
+    return result
+
+
+_run_compiled.graphs = 0
+
+
+@torch.compiler.assume_constant_result
+def _layout(video_shape, tile, window, block_size: int, device: torch.device) -> TileLayout:
+    """The cached tile layout; a constant to torch.compile, which must not trace its numpy code."""
+    return tile_layout(video_shape, tile, window, block_size, device)
+
+
+def _threshold_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The KV rule's number as a 0-dim float32 tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return _cached_threshold(value, device)
+
+
+@torch.compiler.assume_constant_result
+def _cached_threshold(value: float, device: torch.device) -> torch.Tensor:
+    """One cached tensor per value, so eager calls make no host-to-device copy."""
+    return _threshold_cache(value, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold_cache(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _choose_attend(q, k, v) -> tuple[Callable, str]:
+    """FlexAttention wherever it can run; the blockwise autograd path for CPU training."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.device.type == "cpu" and needs_grad:
+        return attend_blockwise, "blockwise"
+    return attend_flex, "flex"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, config: BSAConfig | None = None,
+              *, scale: float | None = None, enable_gqa: bool = False, score_mod: Callable | None = None,
+              return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
+    """Bidirectional Sparse Attention over a video's tokens.
+
+    q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (the layout of ``F.scaled_dot_product_attention``),
+    tokens in raster order over ``video_shape = (T, H, W)`` with S == T*H*W. Returns the output
+    [B, Hq, S, D] in q's dtype, and with ``return_stats=True`` also a :class:`BSAStats`.
+
+    ``config=None`` is the default sparse :class:`BSAConfig`; ``BSAConfig.dense()`` is full
+    attention. ``enable_gqa`` allows Hq to be a multiple of Hkv. ``score_mod`` is a
+    FlexAttention score_mod called with raster token positions (q_idx, kv_idx in 0..S-1).
+
+    On CUDA, and on CPU without gradients, the operator runs as one compiled graph around
+    FlexAttention; on CPU with gradients it runs the blockwise PyTorch path (eagerly).
+    """
+    config = BSAConfig() if config is None else config
+    video_shape = check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod)
+    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    attend, path = _choose_attend(q, k, v)
+    args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
+            scale, score_mod, attend)
+    if attend is attend_blockwise or torch.compiler.is_compiling():
+        out, lse, selection = sparse_attention(*args)
+    else:
+        out, lse, selection = _run_compiled(*args)
+    if not return_stats:
+        return out
+    return out, collect_stats(selection, layout, lse, path)

@@ -1,0 +1,84 @@
+"""The two ways to attend from compact queries to the selected KV blocks.
+
+flex: FlexAttention with a BlockMask; runs compiled (CUDA forward+backward, CPU forward).
+blockwise: plain PyTorch over the gathered selected blocks of each query block; it has
+autograd everywhere and is the CPU training path (FlexAttention has no CPU backward).
+Both return (out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32 or None).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+from masks import TileLayout, build_block_mask, ordered_kv_blocks
+
+__all__ = ["raster_score_mod", "attend_flex", "attend_blockwise"]
+
+
+def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: torch.Tensor) -> Callable:
+    """Wrap a user score_mod so that it sees raster token positions, not compact/tile-major ones."""
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, kept_token[b, h, q_idx], slot_token[kv_idx])
+
+    return mod
+
+
+def _flex_kernel_options(block_size: int, device: torch.device) -> dict | None:
+    """Kernel tiles no larger than the sparse block (Flex requires it); CUDA only."""
+    if device.type != "cuda" or block_size >= 128:
+        return None
+    return {"BLOCK_M": block_size, "BLOCK_N": block_size}
+
+
+def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
+                score_mod: Callable | None):
+    """FlexAttention of compact queries over tile-major slots, skipping unselected KV blocks."""
+    mod = None if score_mod is None else raster_score_mod(score_mod, kept_token, layout.slot_token)
+    with_lse = q_kept.device.type == "cuda"  # FlexAttention on CPU has no LSE under compile
+    result = flex_attention(
+        q_kept, k_slots, v_slots, score_mod=mod, block_mask=build_block_mask(kv_blocks, layout),
+        scale=scale, enable_gqa=q_kept.shape[1] != k_slots.shape[1],
+        kernel_options=_flex_kernel_options(layout.block_size, q_kept.device),
+        return_aux=AuxRequest(lse=True) if with_lse else None,
+    )
+    if with_lse:
+        out, aux = result
+        return out, aux.lse
+    return result, None
+
+
+@torch.compiler.disable
+def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
+                     score_mod: Callable | None):
+    """Float32 softmax attention of each query block over its gathered selected KV blocks.
+
+    Memory grows with the number of selected blocks, never with S x S. The gather width is the
+    largest selected count, read on the host: this path runs eagerly (a graph break under
+    torch.compile), which is why it is only used where FlexAttention has no backward.
+    """
+    B, Hq, Nq, D = q_kept.shape
+    bs, device = layout.block_size, q_kept.device
+    n_selected, order = ordered_kv_blocks(kv_blocks)
+    width = int(n_selected.max())
+    in_use = torch.arange(width, device=device) < n_selected[..., None]  # [B, Hq, nq, width]
+    key_slot = (order[..., :width, None].long() * bs + torch.arange(bs, device=device)).flatten(-2)
+    key_ok = in_use.repeat_interleave(bs, -1) & layout.slot_valid[key_slot]
+
+    batch = torch.arange(B, device=device)[:, None, None, None]
+    kv_head = (torch.arange(Hq, device=device) // (Hq // k_slots.shape[1]))[None, :, None, None]
+    keys = k_slots[batch, kv_head, key_slot].float()  # [B, Hq, nq, width * bs, D]
+    values = v_slots[batch, kv_head, key_slot].float()
+    queries = q_kept.float().view(B, Hq, -1, bs, D)
+    scores = queries @ keys.transpose(-1, -2) * scale  # [B, Hq, nq, bs, width * bs]
+    if score_mod is not None:
+        mod = raster_score_mod(score_mod, kept_token, layout.slot_token)
+        q_idx = torch.arange(Nq, device=device).view(1, 1, -1, bs, 1)
+        scores = mod(scores, batch[..., None], torch.arange(Hq, device=device)[None, :, None, None, None],
+                     q_idx, key_slot[..., None, :])
+    scores = scores.masked_fill(~key_ok[..., None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = (scores - lse[..., None]).exp() @ values
+    return out.reshape(B, Hq, Nq, D).to(q_kept.dtype), lse.reshape(B, Hq, Nq)

@@ -1,0 +1,48 @@
+"""What one BSA call computed: sparsity, kept queries, KV density, and the selection itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from masks import Selection, TileLayout
+
+__all__ = ["BSAStats", "collect_stats"]
+
+
+@dataclass(frozen=True)
+class BSAStats:
+    """Statistics of one call; tensors stay on the device (read them with ``float()``/``.tolist()``).
+
+    sparsity: fraction of the S x S query-key pairs of full attention that were not computed
+    (0.0 for dense), averaged over batch and heads; ``sparsity_per_head`` is [B, Hq].
+    kept_query_fraction: real kept queries over S. kv_density: [B, Hq] fraction of (query block,
+    KV block) pairs selected among those with real tokens. lse: [B, Hq, S] float32 natural-log
+    softmax normaliser of the row each token's output comes from (None on the CPU FlexAttention
+    path, which has no LSE). path: "flex" or "blockwise", the attention path that ran.
+    """
+
+    sparsity: torch.Tensor
+    sparsity_per_head: torch.Tensor
+    kept_query_fraction: torch.Tensor
+    kv_density: torch.Tensor
+    selection: Selection
+    lse: torch.Tensor | None
+    path: str
+
+
+def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | None, path: str) -> BSAStats:
+    """Derive the statistics from a selection (small block-level tensors only)."""
+    B, H, _ = selection.kept_valid.shape
+    q_count = selection.kept_valid.view(B, H, -1, layout.block_size).sum(-1).float()  # [B, H, nq]
+    kv_blocks = selection.kv_blocks.float()
+    keys = (kv_blocks * layout.kv_block_valid_count.float()).sum(-1)  # [B, H, nq]
+    S = layout.num_tokens
+    sparsity_per_head = 1.0 - (q_count * keys).sum(-1) / float(S * S)
+    real_pairs = (q_count > 0).float().sum(-1) * layout.kv_block_valid.sum().float()
+    kv_density = (kv_blocks * (q_count > 0).float()[..., None]).sum((-1, -2)) / real_pairs
+    return BSAStats(
+        sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
+        kept_query_fraction=q_count.sum(-1).mean() / S, kv_density=kv_density,
+        selection=selection, lse=lse, path=path,
+    )

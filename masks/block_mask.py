@@ -1,0 +1,46 @@
+"""FlexAttention BlockMask from the boolean KV-block matrix, built on device with no host sync."""
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from .layout import TileLayout
+
+__all__ = ["selection_mask_mod", "ordered_kv_blocks", "build_block_mask"]
+
+
+def selection_mask_mod(kv_blocks: torch.Tensor, slot_valid: torch.Tensor, block_size: int):
+    """A mask_mod computing, element by element, the same function as the block lists.
+
+    Flex applies only the mask_mod when it runs uncompiled, and inside partial blocks; encoding
+    the selection here keeps both of those cases equal to the compiled, block-skipping kernel.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_blocks[b, h, q_idx // block_size, kv_idx // block_size] & slot_valid[kv_idx]
+
+    return mask_mod
+
+
+def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
+    as_int = blocks.to(torch.int32)
+    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
+    return as_int.sum(-1, dtype=torch.int32), indices
+
+
+def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
+    """BlockMask over compact queries x tile-major slots for a [B, Hq, nq, nkv] bool block matrix.
+
+    Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
+    mask_mod there); blocks mixing real and padding slots go to the partial lists.
+    """
+    partial = layout.kv_block_partial
+    bs = layout.block_size
+    return BlockMask.from_kv_blocks(
+        *ordered_kv_blocks(kv_blocks & partial),
+        *ordered_kv_blocks(kv_blocks & ~partial),
+        BLOCK_SIZE=bs,
+        mask_mod=selection_mask_mod(kv_blocks, layout.slot_valid, bs),
+        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
+    )

@@ -1,0 +1,88 @@
+"""KV sparsity: block scores between pooled query blocks and pooled key blocks, then a
+statistical dynamic threshold per (batch, head, query block)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .layout import TileLayout
+
+__all__ = ["KV_RULES", "pool_blocks", "kv_block_probs", "own_kv_blocks", "select_kv_blocks"]
+
+KV_RULES = ("cumulative", "zscore")
+
+
+def pool_blocks(x: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of the real rows of each block: x [B, H, N, D], valid [..., N] -> [B, H, N/block, D] float32."""
+    weight = valid.to(torch.float32).expand(x.shape[:-1])
+    xb = rearrange(x.detach().float() * weight[..., None], "b h (n s) d -> b h n s d", s=block_size)
+    count = rearrange(weight, "b h (n s) -> b h n s", s=block_size).sum(-1, keepdim=True)
+    return xb.sum(-2) / count.clamp_min(1.0)
+
+
+def kv_block_probs(pooled_q: torch.Tensor, pooled_k: torch.Tensor, kv_block_valid: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Float32 softmax over KV blocks of pooled scores: [B, Hq, nq, D] x [B, Hkv, nkv, D] -> [B, Hq, nq, nkv].
+
+    Query heads are grouped onto key heads as in GQA (Hq a multiple of Hkv); KV blocks without a
+    real token get probability 0.
+    """
+    group = pooled_q.shape[1] // pooled_k.shape[1]
+    pq = rearrange(pooled_q, "b (h g) n d -> b h g n d", g=group)
+    scores = torch.einsum("bhgnd,bhmd->bhgnm", pq, pooled_k) * scale
+    scores = rearrange(scores, "b h g n m -> b (h g) n m")
+    return scores.masked_fill(~kv_block_valid, float("-inf")).softmax(-1)
+
+
+def own_kv_blocks(layout: TileLayout, keep_per_window: int, num_q_blocks: int) -> torch.Tensor:
+    """[nq, nkv] bool: the KV blocks overlapping the tiles whose kept queries fill each query block."""
+    kept_per_tile = layout.windows_per_tile * keep_per_window
+    bs, tile_tokens = layout.block_size, layout.tile_tokens
+    device = layout.slot_valid.device
+    q_block = torch.arange(num_q_blocks, device=device)
+    first_tile = q_block * bs // kept_per_tile
+    last_tile = (((q_block + 1) * bs - 1) // kept_per_tile).clamp_max(layout.num_tiles - 1)
+    lo = first_tile * tile_tokens // bs
+    hi = ((last_tile + 1) * tile_tokens - 1) // bs
+    kv_block = torch.arange(layout.num_kv_blocks, device=device)
+    own = (kv_block >= lo[:, None]) & (kv_block <= hi[:, None])
+    return own & layout.kv_block_valid
+
+
+def _keep_sorted_by_rule(sorted_probs: torch.Tensor, sorted_valid: torch.Tensor,
+                         threshold: torch.Tensor, rule: str) -> torch.Tensor:
+    """Which blocks, in descending-probability order, the statistical threshold keeps.
+
+    cumulative: the fewest blocks whose mass reaches p (a block is kept while the mass before
+    it is below p; p >= 1 keeps every block). zscore: blocks with probability at least
+    mean + z * std over the real blocks.
+    """
+    if rule == "cumulative":
+        mass_before = F.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))
+        return (mass_before < threshold) | (threshold >= 1.0)
+    n_valid = sorted_valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = 1.0 / n_valid
+    var = ((sorted_probs - mean).square() * sorted_valid).sum(-1, keepdim=True) / n_valid
+    return sorted_probs >= mean + threshold * var.sqrt()
+
+
+def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: torch.Tensor,
+                     threshold: torch.Tensor, rule: str, min_blocks: int,
+                     max_blocks: int | None) -> torch.Tensor:
+    """The boolean block matrix [B, Hq, nq, nkv] of KV blocks each query block attends to.
+
+    The threshold rule decides, capped at ``max_blocks``; the ``min_blocks`` most probable
+    blocks and the query block's own tiles are always kept; blocks without a real token never.
+    Ties in probability resolve by block index (stable sort), so the result is reproducible.
+    Every rule is applied in sorted order and scattered back last: the scatter makes the
+    matrix a materialised buffer, which Inductor's CPU Flex template needs for the tensors a
+    mask_mod captures (an unrealised pointwise result fails to lower there, torch 2.13).
+    """
+    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
+    keep_sorted = _keep_sorted_by_rule(probs.gather(-1, order), kv_block_valid[order], threshold, rule)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    if max_blocks is not None:
+        keep_sorted = keep_sorted & (rank < max_blocks)
+    keep_sorted = (keep_sorted | (rank < min_blocks) | own.expand_as(probs).gather(-1, order)) & kv_block_valid[order]
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)

@@ -1,0 +1,103 @@
+"""3D tiling: the tile-major token order of one video shape, computed once and cached.
+
+Tokens arrive in raster order over (T, H, W). BSA works on 3D tiles, and inside each tile on
+query windows, so every per-tile or per-window step wants those tokens contiguous. A *slot* is
+a position in tile-major order: tiles in raster order over the tile grid, windows in raster
+order inside a tile, tokens in raster order inside a window. Videos whose sides are not
+multiples of the tile are padded; the slot list is then padded once more to whole KV blocks.
+Padding slots carry no token (``slot_valid`` is False) and point at token 0 so that gathers
+stay in range; every consumer masks them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+
+__all__ = ["TileLayout", "tile_layout"]
+
+
+@dataclass(frozen=True, eq=False)
+class TileLayout:
+    """Precomputed slot metadata for (video_shape, tile, window, block_size, device).
+
+    Plain fields only (no properties), so that torch.compile reads every value as a constant.
+    """
+
+    video_shape: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    window: tuple[int, int, int]
+    block_size: int
+    num_tokens: int  # S = T * H * W
+    tile_tokens: int
+    window_tokens: int
+    windows_per_tile: int
+    num_tiles: int
+    num_windows: int
+    num_video_slots: int  # slots of the tile-padded video, before padding to whole KV blocks
+    num_slots: int  # num_video_slots padded to whole KV blocks
+    num_kv_blocks: int
+    slot_token: torch.Tensor  # [num_slots] int64: raster index of the token in each slot (0 for padding)
+    slot_valid: torch.Tensor  # [num_slots] bool: the slot holds a real token
+    token_slot: torch.Tensor  # [S] int64: slot of each raster token
+    window_anchor: torch.Tensor  # [num_windows] int64: index inside the window of its centre token
+    kv_block_valid_count: torch.Tensor  # [num_kv_blocks] int64: real tokens per KV block
+    kv_block_valid: torch.Tensor  # [num_kv_blocks] bool: the block holds at least one real token
+    kv_block_partial: torch.Tensor  # [num_kv_blocks] bool: real and padding slots mixed (element masking)
+
+
+def _slot_order(video_shape, tile, window):
+    """Raster index and validity of every tile-major slot of the tile-padded video, as numpy."""
+    padded = [-(-n // t) * t for n, t in zip(video_shape, tile)]
+    t, h, w = np.meshgrid(*[np.arange(p) for p in padded], indexing="ij")
+    valid = (t < video_shape[0]) & (h < video_shape[1]) & (w < video_shape[2])
+    raster = np.where(valid, (t * video_shape[1] + h) * video_shape[2] + w, 0)
+    pattern = "(nt at wt) (nh ah wh) (nw aw ww) -> (nt nh nw at ah aw wt wh ww)"
+    sizes = dict(wt=window[0], wh=window[1], ww=window[2],
+                 at=tile[0] // window[0], ah=tile[1] // window[1], aw=tile[2] // window[2])
+    return rearrange(raster, pattern, **sizes), rearrange(valid, pattern, **sizes)
+
+
+def _window_anchors(valid_by_window: np.ndarray, window) -> np.ndarray:
+    """Per window, the real token nearest the window's centre (ties: lowest index)."""
+    coords = np.stack(np.meshgrid(*[np.arange(n) for n in window], indexing="ij"), -1).reshape(-1, 3)
+    centre = np.array([n // 2 for n in window])
+    nearest_first = np.argsort(((coords - centre) ** 2).sum(-1), kind="stable")
+    first_valid = valid_by_window[:, nearest_first].argmax(axis=1)
+    return nearest_first[first_valid]
+
+
+@functools.lru_cache(maxsize=64)
+def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
+                window: tuple[int, int, int], block_size: int, device: torch.device) -> TileLayout:
+    """Build (once per key) the tile-major layout; arguments are assumed validated by the caller."""
+    slot_token, slot_valid = _slot_order(video_shape, tile, window)
+    n_slots = -(-slot_token.shape[0] // block_size) * block_size
+    anchors = _window_anchors(slot_valid.reshape(-1, math.prod(window)), window)
+    slot_token = np.pad(slot_token, (0, n_slots - slot_token.shape[0]))
+    slot_valid = np.pad(slot_valid, (0, n_slots - slot_valid.shape[0]))
+    token_slot = np.empty(math.prod(video_shape), dtype=np.int64)
+    token_slot[slot_token[slot_valid]] = np.flatnonzero(slot_valid)
+    block_count = slot_valid.reshape(-1, block_size).sum(1)
+
+    def as_tensor(a, dtype):
+        return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+    tile_tokens, window_tokens = math.prod(tile), math.prod(window)
+    num_tiles = math.prod(-(-n // t) for n, t in zip(video_shape, tile))
+    return TileLayout(
+        video_shape=tuple(video_shape), tile=tuple(tile), window=tuple(window), block_size=block_size,
+        num_tokens=math.prod(video_shape), tile_tokens=tile_tokens, window_tokens=window_tokens,
+        windows_per_tile=tile_tokens // window_tokens, num_tiles=num_tiles,
+        num_windows=num_tiles * tile_tokens // window_tokens, num_video_slots=num_tiles * tile_tokens,
+        num_slots=n_slots, num_kv_blocks=n_slots // block_size,
+        slot_token=as_tensor(slot_token, torch.int64), slot_valid=as_tensor(slot_valid, torch.bool),
+        token_slot=as_tensor(token_slot, torch.int64), window_anchor=as_tensor(anchors, torch.int64),
+        kv_block_valid_count=as_tensor(block_count, torch.int64),
+        kv_block_valid=as_tensor(block_count > 0, torch.bool),
+        kv_block_partial=as_tensor((block_count > 0) & (block_count < block_size), torch.bool),
+    )

@@ -1,0 +1,98 @@
+"""Query sparsity: inside every window of a tile keep the centre token and the queries least
+similar to it; every pruned query later copies the output of a kept query of its window."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .layout import TileLayout
+
+__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "gather_tokens", "to_tile_major"]
+
+FILL_POLICIES = ("most_similar", "anchor")
+
+
+class KeptQueries(NamedTuple):
+    """The compact query set; its length is padded to whole query blocks of ``block_size``."""
+
+    kept_token: torch.Tensor  # [B, H, Nq] int64: raster token of each compact query (0 for padding rows)
+    kept_valid: torch.Tensor  # [B, H, Nq] bool: the compact row holds a real token
+    fill_source: torch.Tensor  # [B, H, S] int64: compact row whose output each raster token takes
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x along the sequence: x [B, H, N, D], index [B, H, M] -> [B, H, M, D]."""
+    return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def to_tile_major(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Raster [B, H, S, D] -> tile-major slots [B, H, n_slots, D] (padding slots hold token 0)."""
+    return x.index_select(2, layout.slot_token)
+
+
+def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Float32 unit-norm queries [B, H, n_windows, window_tokens, D]; zero queries stay zero."""
+    slots = layout.slot_token[: layout.num_video_slots]
+    qw = rearrange(q.detach().index_select(2, slots).float(), "b h (n w) d -> b h n w d",
+                   w=layout.window_tokens)
+    return F.normalize(qw, dim=-1, eps=1e-12)
+
+
+def _keep_order_score(unit_q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """[B, H, n, w] sort key: anchor first, then least similar to the anchor, padding last."""
+    anchor = layout.window_anchor
+    anchor_q = unit_q.gather(3, anchor[:, None, None].expand(*unit_q.shape[:3], 1, unit_q.shape[-1]))
+    similarity = (unit_q * anchor_q).sum(-1)
+    local = torch.arange(layout.window_tokens, device=anchor.device)
+    valid = layout.slot_valid[: layout.num_video_slots].view(-1, layout.window_tokens)
+    score = similarity.masked_fill(~valid, float("inf"))
+    return score.masked_fill(local == anchor[:, None], float("-inf"))
+
+
+def _fill_rank(unit_q: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch.Tensor,
+               layout: TileLayout, fill: str) -> torch.Tensor:
+    """[B, H, n, w] rank (within the window's kept list) of the kept query each slot copies.
+
+    A kept query copies itself; a pruned query the preferred real kept query of its window:
+    the most similar one ("most_similar", ties to the lowest rank) or the centre ("anchor").
+    """
+    w = layout.window_tokens
+    local = torch.arange(w, device=kept_local.device)
+    if fill == "most_similar":
+        kept_q = unit_q.gather(3, kept_local[..., None].expand(-1, -1, -1, -1, unit_q.shape[-1]))
+        preference = unit_q @ kept_q.transpose(-1, -2)
+    else:
+        is_anchor = kept_local == layout.window_anchor[:, None]
+        preference = is_anchor.float()[..., None, :].expand(-1, -1, -1, w, -1)
+    preference = preference.masked_fill(~kept_valid[..., None, :], float("-inf"))
+    is_self = kept_local[..., None, :] == local[:, None]
+    return preference.masked_fill(is_self, float("inf")).argmax(-1)
+
+
+def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fill: str) -> KeptQueries:
+    """Select the kept queries of every window and the fill source of every token.
+
+    q: [B, H, S, D] in raster order. In each window the centre token is kept, then the
+    ``keep_per_window - 1`` real tokens least similar (cosine) to it; a stable sort makes ties
+    resolve by position, so the choice is the same on every run. Kept queries are listed per
+    window in slot order; the compact length is padded to a multiple of ``layout.block_size``.
+    """
+    B, H = q.shape[:2]
+    n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
+    unit_q = _unit_queries_by_window(q, layout)
+    order = torch.argsort(_keep_order_score(unit_q, layout), dim=-1, stable=True)
+    kept_local = order[..., :k].sort(dim=-1).values  # [B, H, n, k]
+    window_start = torch.arange(n, device=q.device)[:, None]
+    kept_slot = (window_start * w + kept_local).flatten(2)
+    kept_valid = layout.slot_valid[kept_slot]
+
+    fill_rank = _fill_rank(unit_q, kept_local, kept_valid.view(B, H, n, k), layout, fill)
+    fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
+    fill_source = fill_by_slot.index_select(2, layout.token_slot)
+
+    pad = -(-n * k // layout.block_size) * layout.block_size - n * k
+    return KeptQueries(kept_token=F.pad(layout.slot_token[kept_slot], (0, pad)),
+                       kept_valid=F.pad(kept_valid, (0, pad)), fill_source=fill_source)
