@@ -63,9 +63,11 @@ def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod) -> 
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
     if not isinstance(config, BSAConfig):
         raise TypeError(f"config must be a bsa_flex.BSAConfig or None, got {type(config).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a finite positive float, got {scale!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be None or a float, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive float, got {scale!r}")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, "
                         f"got {type(score_mod).__name__}")

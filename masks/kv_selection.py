@@ -14,11 +14,16 @@ KV_RULES = ("cumulative", "zscore")
 
 
 def pool_blocks(x: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Mean of the real rows of each block: x [B, H, N, D], valid [..., N] -> [B, H, N/block, D] float32."""
-    weight = valid.to(torch.float32).expand(x.shape[:-1])
-    xb = rearrange(x.detach().float() * weight[..., None], "b h (n s) d -> b h n s d", s=block_size)
-    count = rearrange(weight, "b h (n s) -> b h n s", s=block_size).sum(-1, keepdim=True)
-    return xb.sum(-2) / count.clamp_min(1.0)
+    """Mean of the real rows of each block: x [B, H, N, D], valid [..., N] -> [B, H, N/block, D] float32.
+
+    Rows that are not real are excluded by selection, not by a zero weight, so that whatever
+    they hold (even inf or NaN) cannot leak into the mean.
+    """
+    valid = valid.expand(x.shape[:-1])
+    real = torch.where(valid[..., None], x.detach().float(), 0.0)
+    total = rearrange(real, "b h (n s) d -> b h n s d", s=block_size).sum(-2)
+    count = rearrange(valid, "b h (n s) -> b h n s", s=block_size).sum(-1, keepdim=True)
+    return total / count.clamp_min(1)
 
 
 def kv_block_probs(pooled_q: torch.Tensor, pooled_k: torch.Tensor, kv_block_valid: torch.Tensor,

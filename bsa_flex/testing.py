@@ -1,0 +1,172 @@
+"""Property-testing tools for users of bsa_flex: hypothesis strategies, selection invariants
+and an oracle comparison, the same ones our own suite uses.
+
+    from hypothesis import given
+    from bsa_flex.testing import attention_inputs, configs, assert_matches_oracle
+
+    @given(attention_inputs(), configs())
+    def test_my_config(inputs, config):
+        assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from hypothesis import strategies as st
+
+from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, reference_attention, tile_layout
+
+from .attention import attention
+from .config import BSAConfig
+from .stats import BSAStats
+from .synthetic import video_qkv
+
+__all__ = ["AttentionInputs", "video_shapes", "configs", "attention_inputs", "tolerances",
+           "check_selection", "relative_error", "assert_matches_oracle"]
+
+
+class AttentionInputs(NamedTuple):
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    video_shape: tuple[int, int, int]
+    enable_gqa: bool
+
+
+@st.composite
+def video_shapes(draw, max_side: int = 9, max_tokens: int = 320) -> tuple[int, int, int]:
+    """(T, H, W) with sides in 1..max_side and at most max_tokens tokens (odd sides welcome)."""
+    t = draw(st.integers(1, max_side))
+    h = draw(st.integers(1, max(1, min(max_side, max_tokens // t))))
+    w = draw(st.integers(1, max(1, min(max_side, max_tokens // (t * h)))))
+    return (t, h, w)
+
+
+@st.composite
+def configs(draw, block_sizes=(16, 32), max_tile_side: int = 4) -> BSAConfig:
+    """Any valid BSAConfig over small tiles: every rule, fill policy, keep ratio and threshold."""
+    tile = tuple(draw(st.integers(1, max_tile_side)) for _ in range(3))
+    window = tuple(draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in tile)
+    return BSAConfig(
+        query_keep_ratio=draw(st.sampled_from([0.125, 0.25, 0.5, 0.75, 1.0]) | st.floats(0.05, 1.0)),
+        kv_threshold=draw(st.floats(0.05, 1.0)),
+        tile=tile, window=window,
+        min_kv_blocks=draw(st.integers(0, 3)),
+        max_kv_blocks=draw(st.none() | st.integers(1, 4)),
+        kv_rule=draw(st.sampled_from(KV_RULES)),
+        kv_zscore=draw(st.floats(-1.0, 3.0)),
+        fill=draw(st.sampled_from(FILL_POLICIES)),
+        block_size=draw(st.sampled_from(block_sizes)),
+    )
+
+
+@st.composite
+def attention_inputs(draw, shapes=None, dtypes=(torch.float32,), head_dims=(16, 32, 64, 128),
+                     max_batch: int = 2, max_kv_heads: int = 2, max_group: int = 3, device="cpu",
+                     requires_grad: bool = False) -> AttentionInputs:
+    """q, k, v (video-like or i.i.d. noise, GQA or not) for a drawn video shape."""
+    video_shape = draw(shapes if shapes is not None else video_shapes())
+    kv_heads = draw(st.integers(1, max_kv_heads))
+    group = draw(st.integers(1, max_group))
+    dtype = draw(st.sampled_from(dtypes))
+    kwargs = dict(dtype=dtype, device=device, seed=draw(st.integers(0, 2**31 - 1)), requires_grad=requires_grad)
+    if draw(st.booleans()):  # structured like video, with varying smoothness and sharpness
+        kwargs.update(noise=draw(st.floats(0.0, 1.0)), sharpness=draw(st.floats(0.5, 16.0)),
+                      frequency=draw(st.floats(0.2, 4.0)))
+    else:  # pure noise
+        kwargs.update(noise=1.0, sharpness=1.0, frequency=0.0)
+    qkv = video_qkv(draw(st.integers(1, max_batch)), kv_heads * group, kv_heads, video_shape,
+                    draw(st.sampled_from(head_dims)), **kwargs)
+    return AttentionInputs(qkv, video_shape, group > 1)
+
+
+def tolerances(dtype: torch.dtype, device: torch.device) -> dict:
+    """assert_close tolerances against the float64 oracle for outputs of this dtype."""
+    if dtype == torch.float32:  # CUDA matmuls may run in TF32
+        tol = 2e-3 if torch.device(device).type == "cuda" else 1e-4
+    else:
+        tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    return dict(atol=tol, rtol=tol)
+
+
+def _window_of_token(layout: TileLayout) -> torch.Tensor:
+    return layout.token_slot // layout.window_tokens
+
+
+def check_selection(selection: Selection, layout: TileLayout, config: BSAConfig) -> None:
+    """Assert the invariants every BSA selection must satisfy (AssertionError says which)."""
+    kept_token, kept_valid, fill_source, kv_blocks = selection
+    B, H, Nq = kept_token.shape
+    S, bs = layout.num_tokens, layout.block_size
+    window = _window_of_token(layout)
+    assert Nq % bs == 0 and kv_blocks.shape == (B, H, Nq // bs, layout.num_kv_blocks), "shapes"
+
+    # Kept queries: distinct real tokens; per window min(keep, real tokens) of them incl. centre.
+    counts = torch.zeros(B, H, layout.num_windows, dtype=torch.int64, device=kept_token.device)
+    counts.scatter_add_(2, window[kept_token] * kept_valid, kept_valid.long())
+    real = torch.bincount(window, minlength=layout.num_windows)
+    assert torch.equal(counts, real.clamp_max(config.keep_per_window).expand_as(counts)), "kept counts per window"
+    marks = torch.zeros(B, H, S + 1, dtype=torch.int64, device=kept_token.device)
+    marks.scatter_add_(2, torch.where(kept_valid, kept_token, S), torch.ones_like(kept_token))
+    assert int(marks[..., :S].max()) <= 1, "a token is kept twice"
+    anchor_token = layout.slot_token[torch.arange(layout.num_windows, device=window.device) * layout.window_tokens
+                                     + layout.window_anchor]
+    has_real = real > 0
+    assert bool((marks[..., anchor_token[has_real]] == 1).all()), "a window's centre token was pruned"
+
+    # Fill: kept tokens take their own row; pruned ones a real kept row of their own window.
+    source_token = kept_token.gather(2, fill_source)
+    assert bool(kept_valid.gather(2, fill_source).all()), "a token copies a padding row"
+    token = torch.arange(S, device=kept_token.device)
+    is_kept = marks[..., :S] == 1
+    assert bool((source_token[is_kept] == token.expand(B, H, S)[is_kept]).all()), "a kept token does not take its own output"
+    assert bool((window[source_token] == window).all()), "a token copies from another window"
+
+    # KV blocks: never padding-only, never empty for a query block holding a real query.
+    assert not bool((kv_blocks & ~layout.kv_block_valid).any()), "a padding-only KV block was selected"
+    has_query = kept_valid.view(B, H, -1, bs).any(-1)
+    assert bool(kv_blocks.any(-1)[has_query].all()), "a query block has no KV block"
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, with ||b|| floored at an RMS of 1e-3: a saturated softmax has a
+    near-zero dq, where a relative error would only measure float32 rounding."""
+    floor = 1e-3 * b.numel() ** 0.5
+    return float((a.double() - b).norm() / b.norm().clamp_min(floor))
+
+
+def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None, *, scale=None,
+                          enable_gqa: bool = False, score_mod: Callable | None = None,
+                          check_grads: bool = False, grad_tol: float | None = None) -> BSAStats:
+    """Run ``bsa_flex.attention`` and assert it equals the float64 oracle on the same selection.
+
+    Compares the output (and the LSE where the path returns one) element-wise with
+    :func:`tolerances`, checks :func:`check_selection`, and with ``check_grads`` compares the
+    gradients of q, k and v for a random output gradient by relative L2 error (``grad_tol``,
+    default 1e-3 for float32 on CPU, 5e-3 in TF32, 3e-2 for half types). Returns the stats.
+    """
+    config = BSAConfig() if config is None else config
+    leaves = [t.detach().clone().requires_grad_(check_grads) for t in (q, k, v)]
+    out, stats = attention(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
+                           score_mod=score_mod, return_stats=True)
+    layout = tile_layout(tuple(video_shape), config.tile, config.window, config.block_size, q.device)
+    check_selection(stats.selection, layout, config)
+    ref_leaves = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]
+    ref_out, ref_lse = reference_attention(*ref_leaves, stats.selection, layout,
+                                           scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                           score_mod=score_mod)
+    tol = tolerances(q.dtype, q.device)
+    torch.testing.assert_close(out.double(), ref_out, **tol, msg=lambda m: f"output vs oracle: {m}")
+    if stats.lse is not None:
+        torch.testing.assert_close(stats.lse.double(), ref_lse, atol=tol["atol"] * 10, rtol=tol["rtol"],
+                                   msg=lambda m: f"LSE vs oracle: {m}")
+    if check_grads:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+        ref_out.backward(grad_out.to(ref_out.device))
+        if grad_tol is None:
+            grad_tol = 3e-2 if q.dtype != torch.float32 else (5e-3 if q.device.type == "cuda" else 1e-3)
+        for name, got, ref in zip("qkv", leaves, ref_leaves):
+            err = relative_error(got.grad, ref.grad)
+            assert err <= grad_tol, f"grad of {name}: relative L2 error {err:.2e} > {grad_tol:.0e}"
+    return stats

@@ -1,0 +1,48 @@
+"""BlockMask construction: block lists, full/partial split, and the mask_mod that mirrors them."""
+import torch
+from hypothesis import given, strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+from bsa_flex.testing import configs, video_shapes
+from masks import build_block_mask, tile_layout
+
+CPU = torch.device("cpu")
+
+
+@st.composite
+def layouts_and_blocks(draw):
+    config = draw(configs())
+    layout = tile_layout(draw(video_shapes()), config.tile, config.window, config.block_size, CPU)
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 5)), layout.num_kv_blocks)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kv_blocks = (torch.rand(shape, generator=g) < draw(st.floats(0.0, 1.0))) & layout.kv_block_valid
+    return layout, kv_blocks
+
+
+@given(layouts_and_blocks())
+def test_densified_block_mask_equals_the_block_matrix(lb):
+    layout, kv_blocks = lb
+    dense = build_block_mask(kv_blocks, layout).to_dense()
+    assert torch.equal(dense.bool(), kv_blocks)
+
+
+@given(layouts_and_blocks())
+def test_only_blocks_with_padding_are_partial(lb):
+    layout, kv_blocks = lb
+    mask = build_block_mask(kv_blocks, layout)
+    partial = torch.zeros_like(kv_blocks)
+    n, idx = mask.kv_num_blocks, mask.kv_indices
+    in_list = torch.arange(idx.shape[-1]) < n[..., None].long()
+    partial.scatter_(-1, idx.long(), in_list)
+    assert torch.equal(partial, kv_blocks & layout.kv_block_partial)
+
+
+@given(layouts_and_blocks())
+def test_mask_mod_is_the_block_matrix_times_real_keys(lb):
+    layout, kv_blocks = lb
+    mask = build_block_mask(kv_blocks, layout)
+    B, H, nq, _ = kv_blocks.shape
+    bs = layout.block_size
+    elementwise = create_mask(mask.mask_mod, B, H, nq * bs, layout.num_slots, device="cpu")
+    expected = kv_blocks.repeat_interleave(bs, 2).repeat_interleave(bs, 3) & layout.slot_valid
+    assert torch.equal(elementwise, expected)

@@ -1,0 +1,130 @@
+"""The CPU autograd (blockwise) path against the float64 oracle, fuzzed widely: it is cheap."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import bsa_flex
+from bsa_flex import BSAConfig
+from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs, relative_error
+from masks import Selection, reference_attention, tile_layout
+
+
+def relative_position_bias(score, b, h, q_idx, kv_idx):
+    """A score_mod over raster positions: distance decay per head plus soft-capping."""
+    distance = (q_idx - kv_idx).abs().float()
+    return 8.0 * torch.tanh((score - 0.01 * (h + 1) * distance) / 8.0)
+
+
+@settings(max_examples=150)
+@given(attention_inputs(requires_grad=True), configs())
+def test_blockwise_path_matches_oracle_forward_and_gradients(inputs, config):
+    stats = assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                                  check_grads=True)
+    assert stats.path == "blockwise"
+
+
+@settings(max_examples=40)
+@given(attention_inputs(requires_grad=True, dtypes=(torch.bfloat16, torch.float16)), configs())
+def test_blockwise_path_matches_oracle_in_half_precision(inputs, config):
+    assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa, check_grads=True)
+
+
+@settings(max_examples=40)
+@given(attention_inputs(requires_grad=True), configs())
+def test_score_mod_sees_raster_positions_on_the_blockwise_path(inputs, config):
+    assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                          score_mod=relative_position_bias, check_grads=True)
+
+
+@settings(max_examples=40)
+@given(attention_inputs(requires_grad=True), configs())
+def test_dense_config_equals_sdpa_with_gradients(inputs, config):
+    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None)
+    q, k, v = inputs.qkv
+    out = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, enable_gqa=inputs.enable_gqa)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for got, want in zip((q, k, v), leaves):
+        assert relative_error(got.grad, want.grad.double()) < 1e-3
+
+
+@given(attention_inputs(), configs())
+def test_sparsity_counts_the_token_pairs_not_computed(inputs, config):
+    from masks import token_mask
+    q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)
+    _, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                                  return_stats=True)
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, torch.device("cpu"))
+    computed = token_mask(stats.selection, layout).double().mean((-1, -2))
+    torch.testing.assert_close(stats.sparsity_per_head.double(), 1 - computed, atol=1e-6, rtol=0)
+    assert 0.0 <= float(stats.kv_density.min()) and float(stats.kv_density.max()) <= 1.0
+
+
+@given(attention_inputs(), configs())
+def test_dense_config_reports_zero_sparsity(inputs, config):
+    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None)
+    _, stats = bsa_flex.attention(*(t.requires_grad_() for t in inputs.qkv), inputs.video_shape, config,
+                                  enable_gqa=inputs.enable_gqa, return_stats=True)
+    assert float(stats.sparsity) == pytest.approx(0.0, abs=1e-6)
+    assert float(stats.kept_query_fraction) == pytest.approx(1.0)
+
+
+@given(attention_inputs(requires_grad=True), configs())
+def test_batch_equals_its_items_run_one_by_one(inputs, config):
+    q, k, v = inputs.qkv
+    together = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa)
+    for i in range(q.shape[0]):
+        alone = bsa_flex.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], inputs.video_shape, config,
+                                   enable_gqa=inputs.enable_gqa)
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-6, rtol=1e-6)
+
+
+# The checks must be able to fail: feed them wrong selections and wrong outputs.
+
+def _stats(inputs, config):
+    q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, torch.device("cpu"))
+    return bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                              return_stats=True), layout
+
+
+CORRUPTIONS = ["drop_all_kv_blocks", "select_padding_block", "copy_from_another_window", "unkeep_a_query"]
+
+
+@given(attention_inputs(shapes=st.just((3, 5, 7))), st.sampled_from(CORRUPTIONS))
+def test_check_selection_rejects_corrupted_selections(inputs, corruption):
+    config = BSAConfig(tile=(4, 4, 4), window=(2, 2, 2), block_size=16, query_keep_ratio=0.5)
+    (_, stats), layout = _stats(inputs, config)
+    padding_blocks = (~layout.kv_block_valid).nonzero()[:, 0]
+    assert len(padding_blocks) > 0  # (3, 5, 7) in 4x4x4 tiles has 16-slot blocks of padding only
+    kept_token, kept_valid, fill_source, kv_blocks = (t.clone() for t in stats.selection)
+    if corruption == "drop_all_kv_blocks":
+        kv_blocks[..., 0, :] = False
+    elif corruption == "select_padding_block":
+        kv_blocks[..., padding_blocks[0]] = True
+    elif corruption == "copy_from_another_window":
+        fill_source[..., 0] = kept_token.shape[-1] - 1  # token 0 lies in the first window, that row in the last
+    else:
+        kept_valid[..., 0] = False
+    with pytest.raises(AssertionError):
+        check_selection(Selection(kept_token, kept_valid, fill_source, kv_blocks), layout, config)
+
+
+@given(attention_inputs(shapes=st.just((3, 5, 7))))
+def test_oracle_tells_apart_a_different_kv_selection(inputs):
+    config = BSAConfig(tile=(2, 2, 2), window=(1, 2, 2), block_size=16, kv_threshold=0.3, min_kv_blocks=1)
+    (out, stats), layout = _stats(inputs, config)
+    kv_blocks = stats.selection.kv_blocks.clone()
+    kv_blocks[..., 0, :] = ~kv_blocks[..., 0, :] & layout.kv_block_valid
+    if not bool(kv_blocks[..., 0, :].any(-1).all()):
+        kv_blocks[..., 0, 0] = True
+    other = stats.selection._replace(kv_blocks=kv_blocks)
+    ref, _ = reference_attention(*inputs.qkv, other, layout, scale=inputs.qkv[0].shape[-1] ** -0.5)
+    assert not torch.allclose(out.double(), ref, atol=1e-4)

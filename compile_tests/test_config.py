@@ -1,0 +1,61 @@
+"""BSAConfig: defaults, derived values and validation of every field."""
+import math
+
+import pytest
+import torch
+
+from bsa_flex import BSAConfig
+
+
+def test_default_config_is_sparse_on_both_sides():
+    config = BSAConfig()
+    assert config.query_keep_ratio < 1.0 and config.kv_threshold < 1.0
+
+
+def test_dense_config_keeps_everything():
+    config = BSAConfig.dense(tile=(2, 2, 2))
+    assert (config.query_keep_ratio, config.kv_threshold, config.tile) == (1.0, 1.0, (2, 2, 2))
+
+
+@pytest.mark.parametrize("ratio,window,expected", [
+    (0.5, (2, 2, 2), 4), (1.0, (2, 2, 2), 8), (0.3, (2, 2, 2), 3), (0.01, (2, 2, 2), 1), (0.5, (1, 1, 1), 1),
+    (0.75, (1, 2, 2), 3),
+])
+def test_keep_per_window_is_ceil_of_ratio_times_window(ratio, window, expected):
+    assert BSAConfig(query_keep_ratio=ratio, window=window, tile=(4, 4, 4)).keep_per_window == expected
+
+
+def test_lists_are_normalised_to_tuples():
+    config = BSAConfig(tile=[4, 4, 4], window=[2, 2, 2])
+    assert config.tile == (4, 4, 4) and config.window == (2, 2, 2)
+    hash(config)
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("query_keep_ratio", 0.0, ValueError), ("query_keep_ratio", 1.5, ValueError),
+    ("query_keep_ratio", math.nan, ValueError), ("query_keep_ratio", "0.5", TypeError),
+    ("query_keep_ratio", True, TypeError),
+    ("kv_threshold", 0.0, ValueError), ("kv_threshold", 1.01, ValueError), ("kv_threshold", math.inf, ValueError),
+    ("kv_threshold", None, TypeError), ("kv_threshold", torch.ones(2), TypeError),
+    ("kv_threshold", torch.tensor(2.0), ValueError), ("kv_threshold", torch.tensor(1), TypeError),
+    ("kv_zscore", math.nan, ValueError), ("kv_zscore", "1", TypeError),
+    ("tile", (4, 4), TypeError), ("tile", (4, 0, 4), ValueError), ("tile", (4.0, 4, 4), TypeError),
+    ("window", (3, 2, 2), ValueError), ("window", 2, TypeError),
+    ("min_kv_blocks", -1, ValueError), ("min_kv_blocks", 1.0, TypeError),
+    ("max_kv_blocks", 0, ValueError), ("max_kv_blocks", "4", TypeError),
+    ("kv_rule", "topk", ValueError), ("fill", "zero", ValueError),
+    ("block_size", 96, ValueError), ("block_size", 8, ValueError), ("block_size", 128.0, TypeError),
+])
+def test_invalid_field_raises_naming_the_field(field, value, error):
+    with pytest.raises(error, match=field):
+        BSAConfig(**{field: value})
+
+
+def test_tensor_thresholds_are_accepted():
+    config = BSAConfig(kv_threshold=torch.tensor(0.8), kv_zscore=torch.tensor(0.5))
+    assert float(config.kv_rule_threshold) == pytest.approx(0.8)
+
+
+def test_rule_threshold_follows_the_rule():
+    assert BSAConfig(kv_rule="zscore", kv_zscore=1.5).kv_rule_threshold == 1.5
+    assert BSAConfig(kv_rule="cumulative", kv_threshold=0.7).kv_rule_threshold == 0.7

@@ -1,0 +1,134 @@
+"""Bad input at the public boundary: a TypeError/ValueError naming the argument."""
+import pytest
+import torch
+
+import bsa_flex
+from bsa_flex import BSAConfig
+
+VIDEO = (2, 3, 4)
+
+
+def qkv(B=1, Hq=2, Hkv=2, S=24, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, S, D, dtype=dtype), torch.randn(B, Hkv, S, D, dtype=dtype),
+            torch.randn(B, Hkv, S, D, dtype=dtype))
+
+
+def call(q, k, v, video_shape=VIDEO, config=None, **kwargs):
+    return bsa_flex.attention(q, k, v, video_shape, config, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_wrong_rank_names_the_tensor(name):
+    args = dict(zip("qkv", qkv()))
+    args[name] = args[name][0]
+    with pytest.raises(ValueError, match=f"^{name} must have shape"):
+        call(args["q"], args["k"], args["v"])
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_non_tensor_names_the_argument(name):
+    args = dict(zip("qkv", qkv()))
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor"):
+        call(args["q"], args["k"], args["v"])
+
+
+def test_sequence_length_must_equal_video_volume():
+    with pytest.raises(ValueError, match="video_shape"):
+        call(*qkv(), video_shape=(2, 3, 5))
+
+
+@pytest.mark.parametrize("video_shape,error", [((2, 12), TypeError), ((2, 3, 4.0), TypeError),
+                                               ((0, 3, 8), ValueError), ("234", TypeError)])
+def test_malformed_video_shape(video_shape, error):
+    with pytest.raises(error, match="video_shape"):
+        call(*qkv(), video_shape=video_shape)
+
+
+def test_mismatched_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="dtype"):
+        call(q, k.half(), v)
+
+
+def test_unsupported_dtype():
+    q, k, v = (t.double() for t in qkv())
+    with pytest.raises(TypeError, match="q.dtype"):
+        call(q, k, v)
+
+
+def test_mismatched_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="device"):
+        call(q, k.to("meta"), v)
+
+
+def test_mismatched_head_dims():
+    q, _, _ = qkv()
+    _, k, v = qkv(D=32)
+    with pytest.raises(ValueError, match="head dim"):
+        call(q, k, v)
+
+
+def test_mismatched_sequence_lengths():
+    q, _, _ = qkv()
+    _, k, v = qkv(S=12)
+    with pytest.raises(ValueError, match="S = 24"):
+        call(q, k, v)
+
+
+def test_mismatched_batch():
+    q, _, _ = qkv(B=2)
+    _, k, v = qkv(B=1)
+    with pytest.raises(ValueError, match="batch size"):
+        call(q, k, v)
+
+
+def test_k_and_v_shapes_must_agree():
+    q, k, _ = qkv()
+    _, _, v = qkv(Hkv=1)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        call(q, k, v)
+
+
+def test_fewer_kv_heads_needs_enable_gqa():
+    with pytest.raises(ValueError, match="enable_gqa"):
+        call(*qkv(Hq=4, Hkv=2))
+
+
+def test_query_heads_must_be_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="multiple"):
+        call(*qkv(Hq=3, Hkv=2), enable_gqa=True)
+
+
+@pytest.mark.parametrize("scale,error", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                         (float("inf"), ValueError), ("0.1", TypeError)])
+def test_bad_scale(scale, error):
+    with pytest.raises(error, match="scale"):
+        call(*qkv(), scale=scale)
+
+
+def test_bad_config_type():
+    with pytest.raises(TypeError, match="config"):
+        call(*qkv(), config={"query_keep_ratio": 0.5})
+
+
+def test_bad_score_mod():
+    with pytest.raises(TypeError, match="score_mod"):
+        call(*qkv(), score_mod=1.0)
+
+
+def test_bad_enable_gqa():
+    with pytest.raises(TypeError, match="enable_gqa"):
+        call(*qkv(), enable_gqa=1)
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="empty"):
+        call(*qkv(B=0))
+
+
+def test_valid_input_passes_validation_on_the_blockwise_path():
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = call(q, k, v, config=BSAConfig(tile=(2, 2, 2), window=(1, 1, 2), block_size=16))
+    assert out.shape == q.shape and out.dtype == q.dtype

@@ -1,0 +1,155 @@
+"""KV sparsity: block scores, the statistical threshold, and what is always / never kept."""
+import torch
+from hypothesis import given, strategies as st
+
+from bsa_flex.testing import attention_inputs, configs
+from masks import (gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks, select_kv_blocks,
+                   select_queries, tile_layout, to_tile_major)
+
+CPU = torch.device("cpu")
+
+
+@st.composite
+def block_probs(draw, max_q_blocks=6, max_kv_blocks=12):
+    """Random softmax rows [B, H, nq, nkv] (with ties) and a validity vector over KV blocks."""
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, max_q_blocks)),
+             draw(st.integers(1, max_kv_blocks)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logits = torch.randn(shape, generator=g) * draw(st.floats(0.0, 6.0))
+    if draw(st.booleans()):
+        logits = logits.round()  # ties
+    valid = torch.rand(shape[-1], generator=g) < 0.8
+    valid[draw(st.integers(0, shape[-1] - 1))] = True
+    return logits.masked_fill(~valid, float("-inf")).softmax(-1), valid
+
+
+def rule_only(probs, valid, threshold, rule="cumulative", min_blocks=0, max_blocks=None):
+    own = torch.zeros(probs.shape[-2:], dtype=torch.bool)
+    return select_kv_blocks(probs, own, valid, torch.tensor(threshold), rule, min_blocks, max_blocks)
+
+
+@given(block_probs(), st.floats(0.01, 0.999))
+def test_cumulative_rule_reaches_the_target_mass(pv, p):
+    probs, valid = pv
+    kept = rule_only(probs, valid, p)
+    assert bool(((probs * kept).sum(-1) >= p - 1e-5).all())
+
+
+@given(block_probs(), st.floats(0.01, 0.999))
+def test_cumulative_rule_keeps_the_fewest_blocks(pv, p):
+    probs, valid = pv
+    kept = rule_only(probs, valid, p)
+    smallest_kept = probs.masked_fill(~kept, float("inf")).min(-1).values
+    assert bool(((probs * kept).sum(-1) - smallest_kept < p + 1e-5).all())
+
+
+@given(block_probs(), st.floats(0.01, 0.999))
+def test_cumulative_rule_keeps_the_most_probable_blocks(pv, p):
+    probs, valid = pv
+    kept = rule_only(probs, valid, p)
+    smallest_kept = probs.masked_fill(~kept, float("inf")).min(-1).values
+    largest_dropped = probs.masked_fill(kept | ~valid, -1.0).max(-1).values
+    assert bool((largest_dropped <= smallest_kept).all())
+
+
+@given(block_probs())
+def test_threshold_one_keeps_every_real_block(pv):
+    probs, valid = pv
+    assert torch.equal(rule_only(probs, valid, 1.0), valid.expand_as(probs))
+
+
+@given(block_probs(), st.floats(-1.0, 3.0))
+def test_zscore_rule_keeps_blocks_above_mean_plus_z_std(pv, z):
+    probs, valid = pv
+    kept = rule_only(probs, valid, z, rule="zscore")
+    n = valid.sum()
+    mean = 1.0 / n
+    std = (((probs - mean) ** 2) * valid).sum(-1, keepdim=True).div(n).sqrt()
+    expected = (probs >= mean + z * std) & valid
+    margin = (probs - (mean + z * std)).abs() > 1e-6  # ignore float ties at the cut
+    assert torch.equal(kept[margin.expand_as(kept)], expected[margin.expand_as(kept)])
+
+
+@given(block_probs(), st.integers(0, 5))
+def test_min_blocks_are_the_most_probable_real_blocks(pv, m):
+    probs, valid = pv
+    kept = rule_only(probs, valid, 0.01, min_blocks=m)
+    expected = torch.minimum(torch.tensor(max(m, 1)), valid.sum())
+    assert bool((kept.sum(-1) >= expected).all())
+
+
+@given(block_probs(), st.integers(1, 4))
+def test_max_blocks_caps_what_the_rule_adds(pv, cap):
+    probs, valid = pv
+    kept = rule_only(probs, valid, 1.0, max_blocks=cap)
+    assert bool((kept.sum(-1) <= cap).all())
+
+
+@given(block_probs(), st.floats(0.01, 1.0), st.data())
+def test_own_blocks_are_always_kept_and_padding_blocks_never(pv, p, data):
+    probs, valid = pv
+    own = torch.rand(probs.shape[-2:], generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))) < 0.3
+    kept = select_kv_blocks(probs, own, valid, torch.tensor(p), "cumulative", 0, 1)
+    assert bool(kept[..., own & valid].all())
+    assert not bool(kept[..., ~valid].any())
+
+
+@given(block_probs())
+def test_equal_probabilities_resolve_to_the_lowest_block_index(pv):
+    probs, valid = pv
+    flat = valid.float().expand_as(probs) / valid.sum()
+    kept = rule_only(flat, valid, 1e-3)  # the rule needs one block: the first real one
+    first_real = int(valid.nonzero()[0])
+    assert bool(kept[..., first_real].all()) and bool((kept.sum(-1) == 1).all())
+
+
+def _pooled_inputs(inputs, config):
+    q, k, _ = inputs.qkv
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
+    kept = select_queries(q, layout, config.keep_per_window, config.fill)
+    return layout, kept, gather_tokens(q, kept.kept_token), to_tile_major(k, layout)
+
+
+@given(attention_inputs(), configs())
+def test_block_probs_are_the_softmax_of_pooled_scores(inputs, config):
+    layout, kept, q_kept, k_slots = _pooled_inputs(inputs, config)
+    bs = config.block_size
+    scale = q_kept.shape[-1] ** -0.5
+    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs), pool_blocks(k_slots, layout.slot_valid, bs),
+                           layout.kv_block_valid, scale)
+    # brute force in float64: mean of real rows, GQA head mapping h -> h // group
+    group = q_kept.shape[1] // k_slots.shape[1]
+    qb = q_kept.double().unflatten(2, (-1, bs))
+    qv = kept.kept_valid.unflatten(2, (-1, bs))[..., None]
+    kb = k_slots.double().repeat_interleave(group, 1).unflatten(2, (-1, bs))
+    kv = layout.slot_valid.view(-1, bs)[..., None]
+    pq = (qb * qv).sum(-2) / qv.sum(-2).clamp_min(1)
+    pk = (kb * kv).sum(-2) / kv.sum(-2).clamp_min(1)
+    expected = (pq @ pk.transpose(-1, -2) * scale).masked_fill(~layout.kv_block_valid, float("-inf")).softmax(-1)
+    torch.testing.assert_close(probs.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@given(attention_inputs(), configs())
+def test_pooling_ignores_whatever_padding_slots_hold(inputs, config):
+    layout, _, _, k_slots = _pooled_inputs(inputs, config)
+    garbage = k_slots.clone()
+    garbage[:, :, ~layout.slot_valid] = float("nan")
+    bs = config.block_size
+    torch.testing.assert_close(pool_blocks(garbage, layout.slot_valid, bs), pool_blocks(k_slots, layout.slot_valid, bs))
+
+
+@given(attention_inputs(), configs())
+def test_own_blocks_cover_the_tiles_whose_queries_fill_the_query_block(inputs, config):
+    layout, kept, _, _ = _pooled_inputs(inputs, config)
+    bs = config.block_size
+    n_q_blocks = kept.kept_token.shape[-1] // bs
+    own = own_kv_blocks(layout, config.keep_per_window, n_q_blocks)
+    # brute force: tiles of the (real or padding-of-a-window) kept rows, then the blocks of their slots
+    n_kept = layout.num_windows * config.keep_per_window
+    row_tile = torch.arange(n_kept) // (layout.windows_per_tile * config.keep_per_window)
+    expected = torch.zeros(n_q_blocks, layout.num_kv_blocks, dtype=torch.bool)
+    for row, tile in enumerate(row_tile.tolist()):
+        slots = torch.arange(tile * layout.tile_tokens, (tile + 1) * layout.tile_tokens)
+        expected[row // bs, slots // bs] = True
+    expected[:, ~layout.kv_block_valid] = False
+    assert torch.equal(own, expected)

@@ -1,0 +1,146 @@
+"""Query sparsity: which queries each window keeps, and whose output each pruned query takes."""
+import torch
+from hypothesis import given, strategies as st
+
+from bsa_flex.testing import attention_inputs, configs
+from masks import select_queries, tile_layout
+
+CPU = torch.device("cpu")
+
+
+def select(inputs, config, fill=None):
+    q = inputs.qkv[0]
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
+    return layout, select_queries(q, layout, config.keep_per_window, fill or config.fill)
+
+
+def window_of(layout, tokens):
+    return layout.token_slot[tokens] // layout.window_tokens
+
+
+def kept_mask(kept, num_tokens):
+    """[B, H, S] bool: the token is a real kept query (padding rows point at token 0; skip them)."""
+    target = torch.where(kept.kept_valid, kept.kept_token, num_tokens)
+    mask = torch.zeros(*target.shape[:2], num_tokens + 1, dtype=torch.bool)
+    return mask.scatter_(2, target, True)[..., :num_tokens]
+
+
+def unit(q):
+    return torch.nn.functional.normalize(q.float(), dim=-1, eps=1e-12)
+
+
+@given(attention_inputs(), configs())
+def test_kept_count_per_window_is_min_of_keep_and_real_tokens(inputs, config):
+    layout, kept = select(inputs, config)
+    B, H, _ = kept.kept_token.shape
+    counts = torch.zeros(B, H, layout.num_windows, dtype=torch.long)
+    counts.scatter_add_(2, window_of(layout, kept.kept_token), kept.kept_valid.long())
+    real = torch.bincount(layout.token_slot // layout.window_tokens, minlength=layout.num_windows)
+    assert torch.equal(counts, real.clamp_max(config.keep_per_window).expand_as(counts))
+
+
+@given(attention_inputs(), configs())
+def test_compact_length_is_whole_query_blocks_with_padding_rows_last(inputs, config):
+    layout, kept = select(inputs, config)
+    n_kept = layout.num_windows * config.keep_per_window
+    Nq = kept.kept_token.shape[-1]
+    assert Nq % config.block_size == 0 and 0 <= Nq - n_kept < config.block_size
+    assert not bool(kept.kept_valid[..., n_kept:].any())
+
+
+@given(attention_inputs(), configs())
+def test_window_centre_is_always_kept(inputs, config):
+    layout, kept = select(inputs, config)
+    anchor_slot = torch.arange(layout.num_windows) * layout.window_tokens + layout.window_anchor
+    anchor_token = layout.slot_token[anchor_slot][layout.slot_valid[anchor_slot]]
+    is_kept = kept_mask(kept, layout.num_tokens)
+    assert bool(is_kept[..., anchor_token].all())
+
+
+@given(attention_inputs(), configs())
+def test_kept_queries_are_the_least_similar_to_their_window_centre(inputs, config):
+    layout, kept = select(inputs, config)
+    q = unit(inputs.qkv[0])
+    anchor_token = layout.slot_token[torch.arange(layout.num_windows) * layout.window_tokens + layout.window_anchor]
+    window = layout.token_slot // layout.window_tokens  # [S]
+    similarity = (q * q[:, :, anchor_token[window]]).sum(-1)  # [B, H, S] to own window's centre
+    is_kept = kept_mask(kept, layout.num_tokens)
+    is_anchor = torch.zeros(layout.num_tokens, dtype=torch.bool)
+    is_anchor[anchor_token[layout.slot_valid[torch.arange(layout.num_windows) * layout.window_tokens
+                                            + layout.window_anchor]]] = True
+    inf = torch.tensor(float("inf"))
+    most_similar_kept = torch.full((*similarity.shape[:2], layout.num_windows), -inf)
+    most_similar_kept.scatter_reduce_(2, window.expand_as(similarity),
+                                      torch.where(is_kept & ~is_anchor, similarity, -inf), "amax")
+    least_similar_pruned = torch.full_like(most_similar_kept, inf)
+    least_similar_pruned.scatter_reduce_(2, window.expand_as(similarity),
+                                         torch.where(~is_kept, similarity, inf), "amin")
+    assert bool((most_similar_kept <= least_similar_pruned + 1e-6).all())
+
+
+@given(attention_inputs(), configs())
+def test_kept_tokens_take_their_own_output(inputs, config):
+    layout, kept = select(inputs, config)
+    source = kept.kept_token.gather(2, kept.fill_source)
+    is_kept = kept_mask(kept, layout.num_tokens)
+    token = torch.arange(layout.num_tokens).expand_as(source)
+    assert torch.equal(source[is_kept], token[is_kept])
+
+
+@given(attention_inputs(), configs())
+def test_pruned_tokens_copy_the_most_similar_kept_query_of_their_window(inputs, config):
+    layout, kept = select(inputs, config, fill="most_similar")
+    q = unit(inputs.qkv[0])
+    source = kept.kept_token.gather(2, kept.fill_source)  # [B, H, S]
+    assert torch.equal(window_of(layout, source), (layout.token_slot // layout.window_tokens).expand_as(source))
+    chosen = (q * q.gather(2, source[..., None].expand_as(q))).sum(-1)
+    # best similarity to any real kept query of the same window
+    kept_q = q.gather(2, kept.kept_token[..., None].expand(-1, -1, -1, q.shape[-1]))
+    sim = q @ kept_q.transpose(-1, -2)  # [B, H, S, Nq]
+    same_window = window_of(layout, kept.kept_token)[..., None, :] == (layout.token_slot // layout.window_tokens)[:, None]
+    best = sim.masked_fill(~(same_window & kept.kept_valid[..., None, :]), -2).max(-1).values
+    is_kept = kept_mask(kept, layout.num_tokens)
+    assert bool((chosen[~is_kept] >= best[~is_kept] - 1e-5).all())
+
+
+@given(attention_inputs(), configs())
+def test_pruned_tokens_copy_the_window_centre_under_anchor_fill(inputs, config):
+    layout, kept = select(inputs, config, fill="anchor")
+    source = kept.kept_token.gather(2, kept.fill_source)
+    anchor_token = layout.slot_token[torch.arange(layout.num_windows) * layout.window_tokens + layout.window_anchor]
+    centre = anchor_token[layout.token_slot // layout.window_tokens]
+    is_kept = kept_mask(kept, layout.num_tokens)
+    assert torch.equal(source[~is_kept], centre.expand_as(source)[~is_kept])
+
+
+@given(attention_inputs(), configs())
+def test_keep_ratio_one_keeps_every_token(inputs, config):
+    from dataclasses import replace
+    config = replace(config, query_keep_ratio=1.0)
+    layout, kept = select(inputs, config)
+    assert int(kept.kept_valid.sum(-1).min()) == layout.num_tokens
+    assert torch.equal(kept.kept_token.gather(2, kept.fill_source),
+                       torch.arange(layout.num_tokens).expand(*kept.fill_source.shape))
+
+
+@given(attention_inputs(), configs(), st.data())
+def test_zero_and_duplicate_queries_give_finite_repeatable_selection(inputs, config, data):
+    q = inputs.qkv[0].clone()
+    S = q.shape[2]
+    zero = data.draw(st.lists(st.integers(0, S - 1), max_size=S))
+    q[:, :, zero] = 0.0
+    q[:, :, S // 2:] = q[:, :, :1]  # many identical queries
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
+    first = select_queries(q, layout, config.keep_per_window, config.fill)
+    second = select_queries(q.clone(), layout, config.keep_per_window, config.fill)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@given(attention_inputs(), configs())
+def test_selection_of_an_item_does_not_depend_on_the_rest_of_the_batch(inputs, config):
+    layout, kept = select(inputs, config)
+    q = inputs.qkv[0]
+    alone = select_queries(q[-1:], layout, config.keep_per_window, config.fill)
+    for together, single in zip(kept, alone):
+        assert torch.equal(together[-1:], single)
