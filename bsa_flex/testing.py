@@ -143,7 +143,8 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
     Compares the output (and the LSE where the path returns one) element-wise with
     :func:`tolerances`, checks :func:`check_selection`, and with ``check_grads`` compares the
     gradients of q, k and v for a random output gradient by relative L2 error (``grad_tol``,
-    default 1e-3 for float32 on CPU, 5e-3 in TF32, 3e-2 for half types). Returns the stats.
+    default 5e-3 for float32: float32 SDPA itself reaches 7e-4 against float64 on saturated
+    softmax rows; 3e-2 for half types). Selection or fill bugs give errors of order 0.1-1.
     """
     config = BSAConfig() if config is None else config
     leaves = [t.detach().clone().requires_grad_(check_grads) for t in (q, k, v)]
@@ -165,7 +166,7 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
         out.backward(grad_out.to(device=out.device, dtype=out.dtype))
         ref_out.backward(grad_out.to(ref_out.device))
         if grad_tol is None:
-            grad_tol = 3e-2 if q.dtype != torch.float32 else (5e-3 if q.device.type == "cuda" else 1e-3)
+            grad_tol = 3e-2 if q.dtype != torch.float32 else 5e-3
         for name, got, ref in zip("qkv", leaves, ref_leaves):
             err = relative_error(got.grad, ref.grad)
             assert err <= grad_tol, f"grad of {name}: relative L2 error {err:.2e} > {grad_tol:.0e}"
