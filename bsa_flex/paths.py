@@ -7,6 +7,7 @@ Both return (out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32 or None).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -14,7 +15,11 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from masks import TileLayout, build_block_mask, ordered_kv_blocks
 
-__all__ = ["raster_score_mod", "attend_flex", "attend_blockwise"]
+__all__ = ["BSAEagerWarning", "raster_score_mod", "attend_flex", "attend_blockwise"]
+
+
+class BSAEagerWarning(UserWarning):
+    """FlexAttention ran without torch.compile: correct, but dense in cost."""
 
 
 def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: torch.Tensor) -> Callable:
@@ -27,15 +32,25 @@ def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: 
 
 
 def _flex_kernel_options(block_size: int, device: torch.device) -> dict | None:
-    """Kernel tiles no larger than the sparse block (Flex requires it); CUDA only."""
+    """Kernel tiles that divide a sparse block under 128 tokens (CUDA only).
+
+    The default tiles assume 128-token blocks; with smaller ones the backward finds no valid
+    kernel at all (torch 2.11: "NoValidChoicesError ... flex_attention_backward").
+    """
     if device.type != "cuda" or block_size >= 128:
         return None
-    return {"BLOCK_M": block_size, "BLOCK_N": block_size}
+    half = max(16, block_size // 2)
+    return {"BLOCK_M": block_size, "BLOCK_N": block_size, "bwd_BLOCK_M1": half, "bwd_BLOCK_N1": block_size,
+            "bwd_BLOCK_M2": block_size, "bwd_BLOCK_N2": half}
 
 
 def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
                 score_mod: Callable | None):
     """FlexAttention of compact queries over tile-major slots, skipping unselected KV blocks."""
+    if not torch.compiler.is_compiling():
+        warnings.warn("bsa_flex: FlexAttention is running uncompiled (torch.compile disabled or fell back): "
+                      "it computes the same function through the mask_mod, but at dense cost, "
+                      "materialising S x S scores.", BSAEagerWarning, stacklevel=2)
     mod = None if score_mod is None else raster_score_mod(score_mod, kept_token, layout.slot_token)
     with_lse = q_kept.device.type == "cuda"  # FlexAttention on CPU has no LSE under compile
     result = flex_attention(

@@ -14,7 +14,11 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import strategies as st
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("bsa_flex.testing needs hypothesis: pip install 'bsa-flex[test]'") from error
 
 from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, reference_attention, tile_layout
 

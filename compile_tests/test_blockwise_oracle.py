@@ -11,11 +11,7 @@ from bsa_flex import BSAConfig
 from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs, relative_error
 from masks import Selection, reference_attention, tile_layout
 
-
-def relative_position_bias(score, b, h, q_idx, kv_idx):
-    """A score_mod over raster positions: distance decay per head plus soft-capping."""
-    distance = (q_idx - kv_idx).abs().float()
-    return 8.0 * torch.tanh((score - 0.01 * (h + 1) * distance) / 8.0)
+from .cases import relative_position_bias
 
 
 @settings(max_examples=150)

@@ -6,18 +6,32 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import TileLayout
 
-__all__ = ["selection_mask_mod", "ordered_kv_blocks", "build_block_mask"]
+__all__ = ["selection_mask_mod", "padding_mask_mod", "ordered_kv_blocks", "build_block_mask"]
 
 
 def selection_mask_mod(kv_blocks: torch.Tensor, slot_valid: torch.Tensor, block_size: int):
-    """A mask_mod computing, element by element, the same function as the block lists.
+    """The selection element by element: query block -> KV block lookup, padding keys masked.
 
-    Flex applies only the mask_mod when it runs uncompiled, and inside partial blocks; encoding
-    the selection here keeps both of those cases equal to the compiled, block-skipping kernel.
+    Uncompiled FlexAttention ignores block lists and applies only the mask_mod; this one makes
+    such a call compute the same function as the block-skipping kernel (at dense cost).
     """
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_blocks[b, h, q_idx // block_size, kv_idx // block_size] & slot_valid[kv_idx]
+
+    return mask_mod
+
+
+def padding_mask_mod(slot_valid: torch.Tensor):
+    """Padding keys masked, nothing else: what compiled kernels need inside partial blocks.
+
+    Compiled, the block lists already restrict every query block to its selected KV blocks, so
+    a selection lookup would only repeat them. Capturing the in-graph selection would also
+    break Inductor's CPU Flex template (torch 2.13: wrong results, or no lowering at all).
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return slot_valid[kv_idx]
 
     return mask_mod
 
@@ -33,7 +47,8 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     """BlockMask over compact queries x tile-major slots for a [B, Hq, nq, nkv] bool block matrix.
 
     Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
-    mask_mod there); blocks mixing real and padding slots go to the partial lists.
+    mask_mod there); blocks mixing real and padding slots go to the partial lists. Under
+    torch.compile the mask_mod masks padding only; uncompiled it encodes the whole selection.
     """
     partial = layout.kv_block_partial
     bs = layout.block_size
@@ -41,6 +56,7 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
         *ordered_kv_blocks(kv_blocks & partial),
         *ordered_kv_blocks(kv_blocks & ~partial),
         BLOCK_SIZE=bs,
-        mask_mod=selection_mask_mod(kv_blocks, layout.slot_valid, bs),
+        mask_mod=(padding_mask_mod(layout.slot_valid) if torch.compiler.is_compiling()
+                  else selection_mask_mod(kv_blocks, layout.slot_valid, bs)),
         seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
     )

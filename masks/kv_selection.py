@@ -80,9 +80,7 @@ def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: tor
     The threshold rule decides, capped at ``max_blocks``; the ``min_blocks`` most probable
     blocks and the query block's own tiles are always kept; blocks without a real token never.
     Ties in probability resolve by block index (stable sort), so the result is reproducible.
-    Every rule is applied in sorted order and scattered back last: the scatter makes the
-    matrix a materialised buffer, which Inductor's CPU Flex template needs for the tensors a
-    mask_mod captures (an unrealised pointwise result fails to lower there, torch 2.13).
+    Every rule is applied in descending-probability order, then scattered back once.
     """
     order = torch.argsort(probs, dim=-1, descending=True, stable=True)
     keep_sorted = _keep_sorted_by_rule(probs.gather(-1, order), kv_block_valid[order], threshold, rule)

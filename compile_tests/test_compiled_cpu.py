@@ -1,0 +1,180 @@
+"""The compiled FlexAttention path on CPU (forward only: FlexAttention has no CPU backward).
+
+Each new shape or structural config costs a compile (~10 s on 2 cores), so this module fuzzes
+data and thresholds over a fixed set of cases; the mask logic is fuzzed widely elsewhere.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch._dynamo.utils import counters
+
+import bsa_flex
+from bsa_flex import BSAConfig, BSARecompileWarning
+from bsa_flex.attention import _compiled_sparse_attention, _threshold_tensor, sparse_attention
+from bsa_flex.paths import attend_blockwise, attend_flex
+from bsa_flex.synthetic import video_qkv
+from bsa_flex.testing import assert_matches_oracle
+from masks import tile_layout
+
+from .cases import Case
+
+CPU = torch.device("cpu")
+
+
+CASES = {
+    "gqa_padded": Case((3, 5, 7), BSAConfig(tile=(2, 2, 2), window=(1, 2, 2), block_size=16), 2, 4, 2, 16, torch.float32),
+    "zscore_tiles": Case((4, 8, 8), BSAConfig(tile=(4, 4, 4), window=(2, 2, 2), block_size=32, kv_rule="zscore"),
+                         1, 2, 2, 32, torch.float32),
+    "bf16_anchor_budget": Case((5, 6, 7), BSAConfig(tile=(2, 4, 4), window=(2, 2, 2), block_size=16, fill="anchor",
+                                                    max_kv_blocks=3, query_keep_ratio=0.25), 1, 2, 2, 64, torch.bfloat16),
+}
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(sorted(CASES)), st.integers(0, 2**31 - 1), st.floats(0.05, 1.0), st.floats(-0.5, 2.0),
+       st.floats(1.0, 12.0))
+def test_compiled_path_matches_oracle(name, seed, threshold, zscore, sharpness):
+    case = CASES[name]
+    config = BSAConfig(**{**case.config.__dict__, "kv_threshold": threshold, "kv_zscore": zscore})
+    q, k, v = case.inputs(seed, sharpness=sharpness)
+    stats = assert_matches_oracle(q, k, v, case.video_shape, config, enable_gqa=case.q_heads != case.kv_heads)
+    assert stats.path == "flex"
+
+
+@pytest.mark.parametrize("name", ["gqa_padded", "zscore_tiles"])
+def test_dense_config_equals_sdpa(name):
+    case = CASES[name]
+    q, k, v = case.inputs(0)
+    config = BSAConfig.dense(tile=case.config.tile, window=case.config.window, block_size=case.config.block_size)
+    gqa = case.q_heads != case.kv_heads
+    out, stats = bsa_flex.attention(q, k, v, case.video_shape, config, enable_gqa=gqa, return_stats=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa), atol=1e-4, rtol=1e-4)
+    assert stats.path == "flex" and float(stats.sparsity) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_compiled_path_gets_its_sparsity_from_the_block_lists():
+    """Compiled, the mask_mod masks padding keys only; on a video without padding it admits
+    every pair, so a result equal to the sparse oracle (and unequal to dense attention) can
+    only come from the kernel skipping the unselected blocks of its lists."""
+    case = CASES["zscore_tiles"]
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    assert bool(layout.slot_valid.all())  # premise: no padding, the compiled mask_mod is all-True
+    q, k, v = case.inputs(1, sharpness=8.0)
+    stats = assert_matches_oracle(q, k, v, case.video_shape, case.config)
+    assert float(stats.sparsity) > 0.3 and stats.path == "flex"
+    out = bsa_flex.attention(q, k, v, case.video_shape, case.config)
+    assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_uncompiled_flex_computes_the_same_function_through_the_mask_mod(name):
+    """Uncompiled FlexAttention ignores block lists and applies only the mask_mod element-wise."""
+    case = CASES[name]
+    q, k, v = case.inputs(2)
+    gqa = case.q_heads != case.kv_heads
+    compiled = bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=gqa)
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    with pytest.warns(bsa_flex.BSAEagerWarning, match="uncompiled"):
+        eager, _, _ = sparse_attention(q, k, v, _threshold_tensor(case.config.kv_rule_threshold, CPU), layout,
+                                       case.config, case.head_dim ** -0.5, None, attend_flex)
+    tol = 1e-5 if case.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(eager, compiled, atol=tol, rtol=tol)
+
+
+def test_operator_compiles_as_one_graph_without_breaks():
+    case = CASES["gqa_padded"]
+    q, k, v = case.inputs(3)
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    explanation = torch._dynamo.explain(sparse_attention)(
+        q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, attend_flex)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_fresh_data_and_new_thresholds_do_not_recompile():
+    case = CASES["gqa_padded"]
+    bsa_flex.attention(*case.inputs(4), case.video_shape, case.config, enable_gqa=True)  # warm
+    before = graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BSARecompileWarning)
+        for i in range(6):
+            config = BSAConfig(**{**case.config.__dict__, "kv_threshold": 0.2 + 0.1 * i})
+            bsa_flex.attention(*case.inputs(10 + i), case.video_shape, config, enable_gqa=True)
+    assert graphs() == before
+
+
+def test_a_recompile_is_announced_with_a_warning():
+    case = CASES["gqa_padded"]
+    bsa_flex.attention(*case.inputs(5), case.video_shape, case.config, enable_gqa=True)
+    q, k, v = video_qkv(1, 2, 2, (2, 3, 11), 16, seed=0)  # a shape no other test uses
+    with pytest.warns(BSARecompileWarning, match="compiled the sparse-attention graph again"):
+        bsa_flex.attention(q, k, v, (2, 3, 11), case.config)
+
+
+def test_model_compiled_around_attention_runs_as_one_graph_and_does_not_recompile():
+    """A user compiles their whole block; a schedule updates the threshold tensor in place."""
+    case = CASES["zscore_tiles"]
+    threshold = torch.tensor(0.5)
+    config = BSAConfig(**{**case.config.__dict__, "kv_rule": "cumulative", "kv_threshold": threshold})
+    proj = torch.nn.Linear(case.head_dim, case.head_dim)
+
+    def block(q, k, v):
+        return proj(bsa_flex.attention(q, k, v, case.video_shape, config))
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(*case.inputs(6))
+        block(*case.inputs(6))  # the eager reference compiles bsa_flex's own graph once
+        before = graphs()
+        for i in range(5):
+            threshold.fill_(0.3 + 0.15 * i)
+            q, k, v = case.inputs(20 + i)
+            got = compiled(q, k, v)
+            assert graphs() == before
+            torch.testing.assert_close(got, block(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_same_input_twice_gives_identical_selection_and_output():
+    case = CASES["bf16_anchor_budget"]
+    q, k, v = case.inputs(7)
+    first = bsa_flex.attention(q, k, v, case.video_shape, case.config, return_stats=True)
+    second = bsa_flex.attention(q.clone(), k.clone(), v.clone(), case.video_shape, case.config, return_stats=True)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1].selection, second[1].selection):
+        assert torch.equal(a, b)
+
+
+def test_batch_equals_its_items_run_one_by_one():
+    case = CASES["gqa_padded"]
+    q, k, v = case.inputs(8)
+    together = bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True)
+    for i in range(case.batch):
+        alone = bsa_flex.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], case.video_shape, case.config, enable_gqa=True)
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attend", [attend_blockwise, attend_flex], ids=["blockwise", "flex_uncompiled"])
+def test_whatever_padding_slots_hold_cannot_change_any_output(attend):
+    case = CASES["gqa_padded"]  # (3, 5, 7) in 2x2x2 tiles: padding slots in partial blocks
+    q, k, v = case.inputs(9)
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    assert bool(layout.kv_block_partial.any())
+
+    def attend_with_garbage_padding(q_kept, k_slots, v_slots, *rest):
+        k_slots, v_slots = k_slots.clone(), v_slots.clone()
+        k_slots[:, :, ~layout.slot_valid] = 1e4 * torch.randn_like(k_slots[:, :, ~layout.slot_valid])
+        v_slots[:, :, ~layout.slot_valid] = 1e4 * torch.randn_like(v_slots[:, :, ~layout.slot_valid])
+        return attend(q_kept, k_slots, v_slots, *rest)
+
+    args = (_threshold_tensor(0.5, CPU), layout, case.config, 0.25, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        clean, _, _ = sparse_attention(q, k, v, *args, attend)
+        dirty, _, _ = sparse_attention(q, k, v, *args, attend_with_garbage_padding)
+    torch.testing.assert_close(dirty, clean, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,102 @@
+"""The compiled FlexAttention path on CUDA: forward AND backward against the float64 oracle.
+
+Skipped without a GPU. Run on an H100 with `pytest compile_tests/test_gpu.py`; the outcome is
+recorded in benchmarks/results/gpu_tests.md.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import bsa_flex
+from bsa_flex import BSAConfig
+from bsa_flex.testing import assert_matches_oracle
+
+from .cases import Case, relative_position_bias
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+CASES = {
+    # 2,048 tokens, no padding: every selected block is a full block
+    "bf16_gqa": Case((8, 16, 16), BSAConfig(kv_threshold=0.7), 1, 4, 2, 64, torch.bfloat16),
+    # 715 tokens in 4x4x4 tiles: padding slots, partial blocks, z-score rule, centre fill
+    "fp16_padded_zscore_anchor": Case((5, 13, 11), BSAConfig(kv_rule="zscore", kv_zscore=0.5, fill="anchor"),
+                                      2, 2, 2, 128, torch.float16),
+    # 1,080 tokens, flat tiles, a KV budget, float32
+    "fp32_budget": Case((6, 10, 18), BSAConfig(tile=(2, 4, 4), window=(1, 2, 2), query_keep_ratio=0.75,
+                                               max_kv_blocks=2, kv_threshold=0.8), 1, 2, 2, 32, torch.float32),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_and_backward_match_oracle(name, seed):
+    case = CASES[name]
+    q, k, v = case.inputs(seed, device=CUDA, sharpness=8.0)
+    stats = assert_matches_oracle(q, k, v, case.video_shape, case.config, enable_gqa=case.gqa, check_grads=True)
+    assert stats.path == "flex" and stats.lse is not None
+    assert float(stats.sparsity) > 0.0
+
+
+def test_score_mod_sees_raster_positions_forward_and_backward():
+    case = CASES["bf16_gqa"]
+    q, k, v = case.inputs(2, device=CUDA, sharpness=8.0)
+    assert_matches_oracle(q, k, v, case.video_shape, case.config, enable_gqa=True,
+                          score_mod=relative_position_bias, check_grads=True)
+
+
+def test_sparse_result_differs_from_dense_attention():
+    """Premise check for the oracle comparison of the unpadded case: the compiled kernel's
+    mask_mod admits every pair there, so only its block lists make the result sparse."""
+    case = CASES["bf16_gqa"]
+    q, k, v = case.inputs(3, device=CUDA, sharpness=8.0)
+    out, stats = bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True, return_stats=True)
+    assert float(stats.sparsity) > 0.3
+    dense = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert (out.float() - dense.float()).abs().max() > 0.05
+
+
+def test_dense_config_equals_sdpa_forward_and_backward():
+    case = CASES["bf16_gqa"]
+    q, k, v = (t.requires_grad_() for t in case.inputs(4, device=CUDA))
+    out = bsa_flex.attention(q, k, v, case.video_shape, BSAConfig.dense(), enable_gqa=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*leaves, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for got, want in zip((q, k, v), leaves):
+        err = float((got.grad.float() - want.grad.float()).norm() / want.grad.float().norm())
+        assert err < 2e-2
+
+
+def test_fresh_data_and_thresholds_do_not_recompile_forward_and_backward():
+    case = CASES["fp32_budget"]
+    q, k, v = (t.requires_grad_() for t in case.inputs(5, device=CUDA))
+    bsa_flex.attention(q, k, v, case.video_shape, case.config).sum().backward()
+    before = counters["stats"]["unique_graphs"]
+    for i in range(5):
+        q, k, v = (t.requires_grad_() for t in case.inputs(10 + i, device=CUDA))
+        config = BSAConfig(**{**case.config.__dict__, "kv_threshold": 0.5 + 0.1 * i})
+        bsa_flex.attention(q, k, v, case.video_shape, config).sum().backward()
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_same_input_twice_gives_identical_output_and_selection():
+    case = CASES["fp16_padded_zscore_anchor"]
+    q, k, v = case.inputs(6, device=CUDA)
+    with torch.no_grad():
+        a, sa = bsa_flex.attention(q, k, v, case.video_shape, case.config, return_stats=True)
+        b, sb = bsa_flex.attention(q.clone(), k.clone(), v.clone(), case.video_shape, case.config, return_stats=True)
+    assert torch.equal(a, b)
+    for x, y in zip(sa.selection, sb.selection):
+        assert torch.equal(x, y)
+
+
+def test_block_size_64_forward_and_backward_match_oracle():
+    case = CASES["bf16_gqa"]
+    config = BSAConfig(kv_threshold=0.7, block_size=64)
+    q, k, v = case.inputs(7, device=CUDA, sharpness=8.0)
+    assert_matches_oracle(q, k, v, case.video_shape, config, enable_gqa=True, check_grads=True)
