@@ -111,10 +111,13 @@ def _threshold_cache(value: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _choose_attend(q, k, v) -> tuple[Callable, str]:
     """FlexAttention wherever it can run; the blockwise autograd path for CPU training."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.device.type == "cpu" and needs_grad:
+    if q.device.type == "cpu" and _needs_grad(q, k, v):
         return attend_blockwise, "blockwise"
     return attend_flex, "flex"
 
@@ -140,6 +143,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     attend, path = _choose_attend(q, k, v)
+    if q.device.type == "cuda" and attend is attend_flex and config.block_size < 128 and _needs_grad(q, k, v):
+        raise ValueError(f"BSAConfig.block_size={config.block_size} has no FlexAttention backward kernel on "
+                         f"CUDA (torch {torch.__version__} finds no valid tile configuration): use block_size=128 "
+                         f"for training; smaller blocks work for inference (no gradients)")
     args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
             scale, score_mod, attend)
     if attend is attend_blockwise or torch.compiler.is_compiling():

@@ -32,16 +32,14 @@ def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: 
 
 
 def _flex_kernel_options(block_size: int, device: torch.device) -> dict | None:
-    """Kernel tiles that divide a sparse block under 128 tokens (CUDA only).
+    """Forward kernel tiles that divide a sparse block under 128 tokens (CUDA only).
 
-    The default tiles assume 128-token blocks; with smaller ones the backward finds no valid
-    kernel at all (torch 2.11: "NoValidChoicesError ... flex_attention_backward").
+    There is no such setting for the backward: with blocks under 128 tokens torch 2.11 finds
+    no valid backward kernel, so ``attention`` refuses that combination up front.
     """
     if device.type != "cuda" or block_size >= 128:
         return None
-    half = max(16, block_size // 2)
-    return {"BLOCK_M": block_size, "BLOCK_N": block_size, "bwd_BLOCK_M1": half, "bwd_BLOCK_N1": block_size,
-            "bwd_BLOCK_M2": block_size, "bwd_BLOCK_N2": half}
+    return {"BLOCK_M": block_size, "BLOCK_N": block_size}
 
 
 def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
