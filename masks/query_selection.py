@@ -28,9 +28,33 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
+class _ToTileMajor(torch.autograd.Function):
+    """Slot gather whose backward is a gather too: no atomic index_add.
+
+    Exact because real slots are a bijection onto tokens and the gradient reaching a padding
+    slot is zero: padding keys are masked out of every softmax, so they get no gradient.
+    """
+
+    @staticmethod
+    def forward(x, slot_token, token_slot):
+        return x.index_select(2, slot_token)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_slot,) = ctx.saved_tensors
+        return grad.index_select(2, token_slot), None, None
+
+
 def to_tile_major(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Raster [B, H, S, D] -> tile-major slots [B, H, n_slots, D] (padding slots hold token 0)."""
-    return x.index_select(2, layout.slot_token)
+    """Raster [B, H, S, D] -> tile-major slots [B, H, n_slots, D] (padding slots hold token 0).
+
+    Only for keys and values: the backward drops the gradient of padding slots (zero there).
+    """
+    return _ToTileMajor.apply(x, layout.slot_token, layout.token_slot)
 
 
 def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
