@@ -178,3 +178,25 @@ def test_whatever_padding_slots_hold_cannot_change_any_output(attend):
         clean, _, _ = sparse_attention(q, k, v, *args, attend)
         dirty, _, _ = sparse_attention(q, k, v, *args, attend_with_garbage_padding)
     torch.testing.assert_close(dirty, clean, atol=1e-5, rtol=1e-5)
+
+
+def test_nothing_of_size_s_squared_is_materialised():
+    """Trace the operator on fake tensors at 65,536 tokens and look at every intermediate."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    video_shape, config = (16, 64, 64), BSAConfig()
+    S = 16 * 64 * 64
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU)
+    q, k, v = (torch.empty(1, 2, S, 64) for _ in range(3))
+
+    def operator(q, k, v, threshold):
+        return sparse_attention(q, k, v, threshold, layout, config, 0.125, None, attend_flex)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = make_fx(operator, tracing_mode="fake", _allow_non_fake_inputs=True)(q, k, v, torch.tensor(0.9))
+    sizes = [x.numel() for node in graph.graph.nodes
+             for x in (node.meta.get("val") if isinstance(node.meta.get("val"), (list, tuple)) else [node.meta.get("val")])
+             if isinstance(x, torch.Tensor)]
+    assert len(sizes) > 100  # the whole operator was traced
+    assert max(sizes) <= 2 * q.numel() < S * S // 1000

@@ -65,9 +65,7 @@ def test_kept_queries_are_the_least_similar_to_their_window_centre(inputs, confi
     window = layout.token_slot // layout.window_tokens  # [S]
     similarity = (q * q[:, :, anchor_token[window]]).sum(-1)  # [B, H, S] to own window's centre
     is_kept = kept_mask(kept, layout.num_tokens)
-    is_anchor = torch.zeros(layout.num_tokens, dtype=torch.bool)
-    is_anchor[anchor_token[layout.slot_valid[torch.arange(layout.num_windows) * layout.window_tokens
-                                            + layout.window_anchor]]] = True
+    is_anchor = anchor_token[window] == torch.arange(layout.num_tokens)  # [S]
     inf = torch.tensor(float("inf"))
     most_similar_kept = torch.full((*similarity.shape[:2], layout.num_windows), -inf)
     most_similar_kept.scatter_reduce_(2, window.expand_as(similarity),
