@@ -199,4 +199,4 @@ def test_nothing_of_size_s_squared_is_materialised():
              for x in (node.meta.get("val") if isinstance(node.meta.get("val"), (list, tuple)) else [node.meta.get("val")])
              if isinstance(x, torch.Tensor)]
     assert len(sizes) > 100  # the whole operator was traced
-    assert max(sizes) <= 2 * q.numel() < S * S // 1000
+    assert max(sizes) <= 2 * q.numel() and 100 * max(sizes) < S * S
