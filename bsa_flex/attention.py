@@ -5,11 +5,11 @@ import functools
 import inspect
 import logging
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
+from masks import (KeptQueries, Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
                    select_kv_blocks, select_queries, tile_layout, to_tile_major)
 
 from ._checks import check_inputs
@@ -17,13 +17,38 @@ from .config import BSAConfig
 from .paths import attend_blockwise, attend_flex
 from .stats import BSAStats, collect_stats
 
-__all__ = ["attention", "sparse_attention", "BSARecompileWarning"]
+__all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
 
 log = logging.getLogger("bsa_flex")
 
 
 class BSARecompileWarning(UserWarning):
     """The compiled BSA graph was compiled again, for a new input signature."""
+
+
+class SparseOperands(NamedTuple):
+    """What the attention kernel consumes: compact queries, tile-major keys/values, selections."""
+
+    q_kept: torch.Tensor  # [B, Hq, Nq, D]
+    k_slots: torch.Tensor  # [B, Hkv, n_slots, D]
+    v_slots: torch.Tensor  # [B, Hkv, n_slots, D]
+    kept: KeptQueries
+    kv_blocks: torch.Tensor  # [B, Hq, Nq / block, n_slots / block] bool
+
+
+def select_sparse(q, k, v, threshold: torch.Tensor, layout: TileLayout, config: BSAConfig,
+                  scale: float) -> SparseOperands:
+    """Tile, select queries, select KV blocks: every step of BSA before the attention kernel."""
+    bs = layout.block_size
+    kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
+    q_kept = gather_tokens(q, kept.kept_token)  # compact queries
+    k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)
+    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs),
+                           pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_valid, scale)
+    own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])
+    kv_blocks = select_kv_blocks(probs, own, layout.kv_block_valid, threshold, config.kv_rule,
+                                 config.min_kv_blocks, config.max_kv_blocks)  # select KV blocks
+    return SparseOperands(q_kept, k_slots, v_slots, kept, kv_blocks)
 
 
 def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, config: BSAConfig,
@@ -33,19 +58,13 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, confi
     threshold: 0-dim float32 tensor holding the KV rule's number (p or z), a tensor so that
     changing it never recompiles. ``attend`` is ``attend_flex`` or ``attend_blockwise``.
     """
-    bs = layout.block_size
-    kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
-    q_kept = gather_tokens(q, kept.kept_token)  # [B, Hq, Nq, D] compact queries
-    k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)  # [B, Hkv, n_slots, D]
-    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs),
-                           pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_valid, scale)
-    own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])
-    kv_blocks = select_kv_blocks(probs, own, layout.kv_block_valid, threshold, config.kv_rule,
-                                 config.min_kv_blocks, config.max_kv_blocks)  # select KV blocks
-    out_kept, lse_kept = attend(q_kept, k_slots, v_slots, kv_blocks, kept.kept_token, layout, scale, score_mod)
+    ops = select_sparse(q, k, v, threshold, layout, config, scale)
+    kept = ops.kept
+    out_kept, lse_kept = attend(ops.q_kept, ops.k_slots, ops.v_slots, ops.kv_blocks, kept.kept_token, layout,
+                                scale, score_mod)  # attend (block mask built inside)
     out = gather_tokens(out_kept, kept.fill_source)  # scatter, fill pruned queries, untile: one gather
     lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
-    return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, kv_blocks)
+    return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
 
 
 def _compile(fn):
