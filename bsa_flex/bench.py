@@ -1,0 +1,328 @@
+"""Benchmark BSA against dense attention: ``python -m bsa_flex.bench [--quick]``.
+
+Times forward and forward+backward of (a) ``F.scaled_dot_product_attention`` with the fastest
+backend on the card, (b) FlexAttention without a mask and (c) ``bsa_flex.attention`` as a user
+calls it, plus a forward breakdown of (c) by stage and its attention kernel alone. Sparsity is
+reached through the real selection on video-like inputs: ``kv_threshold`` is bisected until the
+achieved sparsity meets the target (a tensor, so this never recompiles), and the achieved value
+is reported beside every time. Writes JSON, Markdown and (with matplotlib) a PNG under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+from masks import build_block_mask, tile_layout
+
+from .attention import _compile, _threshold_tensor, attention, select_sparse
+from .config import BSAConfig
+from .synthetic import video_qkv
+
+WAN_CASES = [((16, 28, 52), 0.93), ((40, 48, 80), 0.95)]  # Wan2.1-1.3B at 480p-ish / 720p-ish
+SWEEP_SHAPES = [(6, 28, 52), (16, 28, 52), (20, 40, 64), (32, 40, 72), (40, 48, 80)]  # 8.7K ... 153.6K tokens
+SWEEP_SPARSITIES = (0.80, 0.90, 0.93, 0.95)
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every case shares: attention shape besides the video, dtype, device, BSA geometry."""
+
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    config: BSAConfig
+    sharpness: float = 2.0
+
+
+def median_ms(fn: Callable, device: torch.device, budget_ms: float = 100.0) -> float:
+    """Median time of fn in ms after warm-up: CUDA events via triton's do_bench, wall clock on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=budget_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_gib(fn: Callable, device: torch.device) -> float | None:
+    """Peak allocated GPU memory during fn, inputs included (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device) -> dict:
+    """{"fwd": ms, "fwd_bwd": ms or None, "peak_gib": fwd+bwd peak or None}."""
+    result = {"fwd": median_ms(forward, device), "fwd_bwd": None, "peak_gib": None}
+    if grad_out is not None:
+        step = lambda: forward().backward(grad_out)  # noqa: E731
+        result["fwd_bwd"] = median_ms(step, device)
+        result["peak_gib"] = peak_gib(step, device)
+    return result
+
+
+def best_sdpa(q, k, v, grad_out, device) -> dict:
+    """Time every SDPA backend that runs here; the fastest by fwd+bwd (or fwd) wins."""
+    timings = {}
+    for name, backend in SDPA_BACKENDS.items():
+        def forward(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        try:
+            timings[name] = fwd_and_fwd_bwd(forward, grad_out, device)
+        except RuntimeError as error:  # backend not available for this card/dtype/shape
+            timings[name] = {"error": str(error).splitlines()[0][:200]}
+    ran = {n: t for n, t in timings.items() if "error" not in t}
+    if not ran:
+        raise RuntimeError(f"no SDPA backend ran: {timings}")
+    key = "fwd_bwd" if grad_out is not None else "fwd"
+    winner = min(ran, key=lambda n: ran[n][key])
+    return {"backend": winner, **ran[winner], "all": timings}
+
+
+def calibrate_threshold(q, k, v, video_shape, config: BSAConfig, target: float, steps: int = 14):
+    """Bisect kv_threshold (higher p: denser) until the achieved sparsity is closest to target."""
+    def sparsity_at(p):
+        with torch.no_grad():
+            _, stats = attention(q, k, v, video_shape, dataclasses.replace(config, kv_threshold=p), return_stats=True)
+        return float(stats.sparsity)
+
+    lo, hi = 1e-4, 1.0
+    best = (1.0, sparsity_at(1.0))
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        achieved = sparsity_at(mid)
+        if abs(achieved - target) < abs(best[1] - target):
+            best = (mid, achieved)
+        lo, hi = (mid, hi) if achieved > target else (lo, mid)
+    return dataclasses.replace(config, kv_threshold=best[0]), best[1]
+
+
+def stage_breakdown(q, k, v, video_shape, config: BSAConfig, grad_out, device) -> dict:
+    """Forward time of (selection), (selection + BlockMask), the kernel alone, and the whole call."""
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, device)
+    threshold, scale = _threshold_tensor(config.kv_rule_threshold, device), q.shape[-1] ** -0.5
+
+    def select_and_mask(q, k, v):
+        ops = select_sparse(q, k, v, threshold, layout, config, scale)
+        mask = build_block_mask(ops.kv_blocks, layout)
+        return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+
+    select = _compile(lambda q, k, v: select_sparse(q, k, v, threshold, layout, config, scale))
+    with_mask = _compile(select_and_mask)
+    with torch.no_grad():
+        ops = select(q, k, v)
+        block_mask = _compile(lambda kv: build_block_mask(kv, layout))(ops.kv_blocks)
+    operands = [t.detach().requires_grad_(grad_out is not None) for t in (ops.q_kept, ops.k_slots, ops.v_slots)]
+    kernel = _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                                                     enable_gqa=q.shape[1] != k.shape[1]))
+    with torch.no_grad():
+        t_select = median_ms(lambda: select(q, k, v), device)
+        t_mask = median_ms(lambda: with_mask(q, k, v), device)
+    kernel_grad = None if grad_out is None or device.type != "cuda" else torch.randn_like(operands[0])
+    t_kernel = fwd_and_fwd_bwd(lambda: kernel(*operands), kernel_grad, device)
+    return {"select_ms": t_select, "block_mask_ms": t_mask - t_select, "kernel_fwd": t_kernel["fwd"],
+            "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
+
+
+def bench_case(video_shape, target: float, setup: Setup, *, breakdown: bool, baselines: dict | None) -> dict:
+    """One (video shape, target sparsity) row; baselines (SDPA, Flex dense) are reused per shape."""
+    device = setup.device
+    train = device.type == "cuda"  # FlexAttention has no CPU backward; CPU fwd+bwd runs the blockwise path
+    q, k, v = video_qkv(1, setup.heads, setup.heads, video_shape, setup.head_dim, dtype=setup.dtype,
+                        device=device, seed=0, sharpness=setup.sharpness, requires_grad=True)
+    grad_out = torch.randn_like(q)
+    if baselines is None:
+        flex_dense = _compile(lambda q, k, v: flex_attention(q, k, v))
+        flex_inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
+        baselines = {"sdpa": best_sdpa(q, k, v, grad_out, device),
+                     "flex_dense": fwd_and_fwd_bwd(lambda: flex_dense(*flex_inputs), grad_out if train else None,
+                                                   device)}
+    config, achieved = calibrate_threshold(q, k, v, video_shape, setup.config, target)
+    bsa = fwd_and_fwd_bwd(lambda: attention(q, k, v, video_shape, config), grad_out, device)
+    row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
+           "sparsity": achieved, "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines}
+    sdpa, dense = baselines["sdpa"], baselines["flex_dense"]
+    for mode in ("fwd", "fwd_bwd"):
+        if bsa[mode] is not None:
+            row[f"speedup_vs_sdpa_{mode}"] = sdpa[mode] / bsa[mode]
+            if dense[mode] is not None:
+                row[f"speedup_vs_flex_dense_{mode}"] = dense[mode] / bsa[mode]
+    if breakdown:
+        stages = stage_breakdown(q, k, v, video_shape, config, grad_out if train else None, device)
+        stages["rest_fwd_ms"] = bsa["fwd"] - stages["select_ms"] - stages["block_mask_ms"] - stages["kernel_fwd"]
+        stages["outside_kernel_fwd"] = 1.0 - stages["kernel_fwd"] / bsa["fwd"]
+        if stages["kernel_fwd_bwd"] is not None:
+            stages["outside_kernel_fwd_bwd"] = 1.0 - stages["kernel_fwd_bwd"] / bsa["fwd_bwd"]
+            # how close the kernel gets to dense Flex divided by the compute fraction
+            stages["kernel_vs_density_ideal"] = dense["fwd_bwd"] * (1.0 - achieved) / stages["kernel_fwd_bwd"]
+        row["stages"] = stages
+    return row, baselines
+
+
+def environment(device: torch.device) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "device": str(device), "python": sys.version.split()[0]}
+    if device.type == "cuda":
+        import triton
+        info.update(card=torch.cuda.get_device_name(device), triton=triton.__version__)
+    else:
+        info.update(card="CPU")
+    return info
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# bsa-flex benchmark ({env['card']}, torch {env['torch']}"
+             f"{', triton ' + env['triton'] if 'triton' in env else ''}, {env['date']})", "",
+             f"B=1, {result['setup']['heads']} heads, D={result['setup']['head_dim']}, {result['setup']['dtype']}; "
+             f"config {result['setup']['config']}; times are medians in ms.", "",
+             "| tokens | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd | Flex dense fwd / fwd+bwd "
+             "| BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd | outside kernel fwd+bwd | peak GiB SDPA / BSA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    for r in result["rows"]:
+        s, d, b = r["sdpa"], r["flex_dense"], r["bsa"]
+        outside = r.get("stages", {}).get("outside_kernel_fwd_bwd")
+        lines.append(
+            f"| {r['tokens']:,} | {r['target_sparsity']:.2f} | {r['sparsity']:.3f} | {ms(s['fwd'])} / {ms(s['fwd_bwd'])}"
+            f" ({s['backend']}) | {ms(d['fwd'])} / {ms(d['fwd_bwd'])} | {ms(b['fwd'])} / {ms(b['fwd_bwd'])} | "
+            f"{r.get('speedup_vs_sdpa_fwd', 0):.2f}x / "
+            f"{'-' if 'speedup_vs_sdpa_fwd_bwd' not in r else format(r['speedup_vs_sdpa_fwd_bwd'], '.2f') + 'x'} | "
+            f"{'-' if outside is None else format(outside, '.0%')} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Speed-up over SDPA (fwd+bwd where measured) against tokens, one line per target sparsity."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plot written"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target in sorted({r["target_sparsity"] for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if r["target_sparsity"] == target), key=lambda r: r["tokens"])
+        key = "speedup_vs_sdpa_fwd_bwd" if all("speedup_vs_sdpa_fwd_bwd" in r for r in rows) else "speedup_vs_sdpa_fwd"
+        ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker="o", label=f"sparsity {target:.2f}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("speed-up over best SDPA")
+    ax.set_title(result["environment"]["card"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc="bsa-flex bench", unit="case")
+    except ImportError:
+        class Plain:
+            done = 0
+
+            def update(self, n=1):
+                Plain.done += n
+                print(f"bsa-flex bench: {Plain.done}/{total} cases", flush=True)
+
+            def close(self):
+                pass
+        return Plain()
+
+
+def plan(quick: bool, sparsities) -> list[tuple[tuple[int, int, int], float, bool]]:
+    """(video shape, target sparsity, with stage breakdown) for every case to run."""
+    if quick:
+        return [((4, 8, 8), 0.5, True)]
+    cases = [(shape, target, True) for shape, target in WAN_CASES]
+    cases += [(shape, s, False) for shape in SWEEP_SHAPES for s in sparsities
+              if (shape, s) not in WAN_CASES]
+    return cases
+
+
+def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/results",
+        sparsities=SWEEP_SPARSITIES) -> dict:
+    """Run the benchmark, write bench.json / bench.md / bench.png under ``out``, return the result."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quick:
+        setup = Setup(heads=2, head_dim=32, dtype=torch.float32, device=device, config=BSAConfig(block_size=32))
+    else:
+        setup = Setup(heads=12, head_dim=128, dtype=torch.bfloat16, device=device, config=BSAConfig())
+    cases = plan(quick, sparsities)
+    rows, baselines, bar = [], {}, _progress(len(cases))
+    for shape, target, breakdown in cases:
+        row, baselines[shape] = bench_case(shape, target, setup, breakdown=breakdown, baselines=baselines.get(shape))
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    setup_info = {"heads": setup.heads, "head_dim": setup.head_dim, "dtype": str(setup.dtype).replace("torch.", ""),
+                  "config": repr(setup.config), "inputs": f"bsa_flex.synthetic.video_qkv(sharpness={setup.sharpness})"}
+    result = {"environment": environment(device), "setup": setup_info, "quick": quick, "rows": rows}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(table)
+    note = plot(result, os.path.join(out, "bench.png"))
+    print(table)
+    if note:
+        print(note)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bsa_flex.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny case (a smoke test; runs on CPU)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for bench.json/.md/.png")
+    parser.add_argument("--sparsities", default=",".join(map(str, SWEEP_SPARSITIES)),
+                        help="target sparsities of the sequence-length sweep, comma-separated")
+    args = parser.parse_args(argv)
+    try:
+        sparsities = tuple(float(s) for s in args.sparsities.split(","))
+    except ValueError:
+        parser.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
+    if any(not 0.0 <= s < 1.0 for s in sparsities):
+        parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
