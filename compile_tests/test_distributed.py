@@ -1,0 +1,73 @@
+"""Ulysses sequence parallelism on CPU: 2 gloo processes on loopback against single-process BSA."""
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bsa_flex
+from bsa_flex import BSAConfig
+from bsa_flex.distributed import check_ulysses_shapes, ulysses_attention
+from bsa_flex.synthetic import video_qkv
+
+VIDEO = (4, 6, 8)  # 192 tokens: 96 per rank
+CONFIG = BSAConfig(tile=(2, 2, 4), window=(1, 2, 2), block_size=16, kv_threshold=0.6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, compiled: bool = False):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a bounded collective timeout: a hung rank fails the test instead of stalling CI
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        q, k, v = video_qkv(2, 4, 2 if gqa else 4, VIDEO, 16, seed=0, requires_grad=with_grad)
+        shard = slice(rank * q.shape[2] // world, (rank + 1) * q.shape[2] // world)
+        local = [t.detach()[:, :, shard].clone().requires_grad_(with_grad) for t in (q, k, v)]
+        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa)  # noqa: E731
+        if compiled:  # the all-to-alls are functional collectives: one graph with the operator
+            run = torch.compile(run, fullgraph=True, dynamic=False)
+        with torch.set_grad_enabled(with_grad):
+            out = run(*local)
+            ref = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa)
+        torch.testing.assert_close(out, ref[:, :, shard], atol=1e-5, rtol=1e-5)
+        if with_grad:
+            grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+            out.backward(grad[:, :, shard])
+            ref.backward(grad)
+            for mine, full in zip(local, (q, k, v)):
+                torch.testing.assert_close(mine.grad, full.grad[:, :, shard], atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_grad,gqa,compiled", [(True, False, False), (True, True, False), (False, False, False),
+                                                     (False, False, True)],
+                         ids=["grads", "grads_gqa", "forward", "forward_fullgraph_compiled"])
+def test_two_gloo_ranks_equal_single_process_bsa(with_grad, gqa, compiled):
+    mp.start_processes(_rank_main, args=(2, _free_port(), with_grad, gqa, compiled), nprocs=2, join=True,
+                       start_method="spawn")
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,shard,video,match", [
+    (4, 4, 52, (3, 5, 7), "does not split evenly"),
+    (4, 4, 90, (4, 6, 8), "each rank must hold"),
+    (3, 3, 96, (4, 6, 8), "q have 3 heads"),
+    (4, 1, 96, (4, 6, 8), "k and v have 1 heads"),
+])
+def test_shapes_that_do_not_split_get_a_clear_error(q_heads, kv_heads, shard, video, match):
+    with pytest.raises(ValueError, match=match):
+        check_ulysses_shapes(q_heads, kv_heads, shard, video, 2)
+
+
+def test_ulysses_without_an_initialised_process_group_says_so():
+    q = torch.randn(1, 2, 96, 16)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ulysses_attention(q, q, q, VIDEO, CONFIG)
