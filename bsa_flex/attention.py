@@ -14,7 +14,7 @@ from masks import (KeptQueries, Selection, TileLayout, gather_tokens, kv_block_p
 
 from ._checks import check_inputs
 from .config import BSAConfig
-from .paths import attend_blockwise, attend_flex
+from .paths import BSAEagerWarning, attend_blockwise, attend_flex
 from .stats import BSAStats, collect_stats
 
 __all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
@@ -159,13 +159,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     """
     config = BSAConfig() if config is None else config
     video_shape = check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod)
-    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     attend, path = _choose_attend(q, k, v)
     if q.device.type == "cuda" and attend is attend_flex and config.block_size < 128 and _needs_grad(q, k, v):
         raise ValueError(f"BSAConfig.block_size={config.block_size} has no FlexAttention backward kernel on "
                          f"CUDA (torch {torch.__version__} finds no valid tile configuration): use block_size=128 "
                          f"for training; smaller blocks work for inference (no gradients)")
+    if attend is attend_flex:
+        return _attend(q, k, v, video_shape, config, scale, score_mod, return_stats, attend, path)
+    if torch.compiler.is_compiling():
+        warnings.warn("bsa_flex: on CPU with gradients the blockwise path runs eagerly: a graph break in the "
+                      "compiled model (FlexAttention has no CPU backward)", BSAEagerWarning, stacklevel=2)
+    return _attend_eagerly(q, k, v, video_shape, config, scale, score_mod, return_stats, attend, path)
+
+
+def _attend(q, k, v, video_shape, config: BSAConfig, scale: float, score_mod, return_stats: bool,
+            attend: Callable, path: str):
+    """Layout, threshold, the operator (compiled unless already inside a compiled region), stats."""
+    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device)
     args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
             scale, score_mod, attend)
     if attend is attend_blockwise or torch.compiler.is_compiling():
@@ -175,3 +186,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     if not return_stats:
         return out
     return out, collect_stats(selection, layout, lse, path)
+
+
+# The blockwise path reads a host integer; under torch.compile it must be one clean graph break
+# at this call, before any value the compiler would have to rebuild after the break.
+_attend_eagerly = torch.compiler.disable(_attend)

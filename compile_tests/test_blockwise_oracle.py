@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import bsa_flex
 from bsa_flex import BSAConfig
+from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs, relative_error
 from masks import Selection, reference_attention, tile_layout
 
@@ -124,3 +125,19 @@ def test_oracle_tells_apart_a_different_kv_selection(inputs):
     other = stats.selection._replace(kv_blocks=kv_blocks)
     ref, _ = reference_attention(*inputs.qkv, other, layout, scale=inputs.qkv[0].shape[-1] ** -0.5)
     assert not torch.allclose(out.double(), ref, atol=1e-4)
+
+
+def test_cpu_training_inside_a_compiled_model_warns_and_equals_eager():
+    """Under a user's torch.compile the CPU training path is one announced graph break."""
+    video_shape, config = (2, 4, 8), BSAConfig(tile=(2, 2, 2), window=(1, 2, 2), block_size=16)
+    q, k, v = (t.requires_grad_() for t in video_qkv(1, 2, 2, video_shape, 16, seed=5))
+    model = torch.compile(lambda q, k, v: bsa_flex.attention(q, k, v, video_shape, config) * 2.0)
+    with pytest.warns(bsa_flex.BSAEagerWarning, match="graph break"):
+        out = model(q, k, v)
+    out.sum().backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = bsa_flex.attention(*leaves, video_shape, config) * 2.0
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, want in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad, want.grad)
