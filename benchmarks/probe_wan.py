@@ -13,8 +13,6 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import bsa_flex
 from bsa_flex import BSAConfig
-from bsa_flex.attention import _threshold_tensor, sparse_attention
-from bsa_flex.paths import attend_flex
 from bsa_flex.synthetic import video_qkv
 from masks import build_block_mask, gather_tokens, tile_layout, to_tile_major
 
@@ -68,7 +66,6 @@ for video_shape, budget in [((16, 28, 52), 24), ((40, 48, 80), 118)]:
                    compile_s=compile_s, gen_s=gen_s)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del q, k, v, go
     torch.cuda.empty_cache()
 
 if os.environ.get("OUT"):

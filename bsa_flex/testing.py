@@ -10,7 +10,6 @@ and an oracle comparison, the same ones our own suite uses.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import torch

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import bsa_flex
 from bsa_flex import BSAConfig, BSARecompileWarning
-from bsa_flex.attention import _compiled_sparse_attention, _threshold_tensor, sparse_attention
+from bsa_flex.attention import _threshold_tensor, sparse_attention
 from bsa_flex.paths import attend_blockwise, attend_flex
 from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle

@@ -2,7 +2,7 @@
 import math
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
 
 from bsa_flex.testing import configs, video_shapes
 from masks import tile_layout

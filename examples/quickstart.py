@@ -4,7 +4,6 @@
 """
 import time
 
-import torch
 import torch.nn.functional as F
 
 import bsa_flex
