@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 from torch.nn.attention.flex_attention import create_mask
 
 from bsa_flex.testing import configs, video_shapes
-from masks import build_block_mask, tile_layout
+from masks import build_block_mask, ordered_kv_blocks, tile_layout
 
 CPU = torch.device("cpu")
 
@@ -46,3 +46,29 @@ def test_mask_mod_is_the_block_matrix_times_real_keys(lb):
     elementwise = create_mask(mask.mask_mod, B, H, nq * bs, layout.num_slots, device="cpu")
     expected = kv_blocks.repeat_interleave(bs, 2).repeat_interleave(bs, 3) & layout.slot_valid
     assert torch.equal(elementwise, expected)
+
+
+@given(layouts_and_blocks())
+def test_block_lists_list_selected_blocks_first_then_the_rest_in_index_order(lb):
+    _, kv_blocks = lb
+    num, indices = ordered_kv_blocks(kv_blocks)
+    assert torch.equal(num, kv_blocks.sum(-1).int())
+    assert torch.equal(indices.long(), torch.argsort(kv_blocks.int(), dim=-1, descending=True, stable=True))
+
+
+def _densify(num: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
+    in_list = torch.arange(indices.shape[-1]) < num[..., None].long()
+    dense = torch.zeros(*indices.shape[:-1], num_cols, dtype=torch.bool)
+    return dense.scatter_(-1, indices.long(), in_list)
+
+
+@given(layouts_and_blocks())
+def test_query_lists_are_the_transposed_kv_lists(lb):
+    layout, kv_blocks = lb
+    mask = build_block_mask(kv_blocks, layout)
+    nq = kv_blocks.shape[-2]
+    for kv_num, kv_idx, q_num, q_idx in [(mask.kv_num_blocks, mask.kv_indices, mask.q_num_blocks, mask.q_indices),
+                                         (mask.full_kv_num_blocks, mask.full_kv_indices,
+                                          mask.full_q_num_blocks, mask.full_q_indices)]:
+        by_kv = _densify(kv_num, kv_idx, layout.num_kv_blocks)
+        assert torch.equal(_densify(q_num, q_idx, nq), by_kv.transpose(-1, -2))

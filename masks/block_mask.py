@@ -37,26 +37,43 @@ def padding_mask_mod(slot_valid: torch.Tensor):
 
 
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
-    as_int = blocks.to(torch.int32)
-    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
-    return as_int.sum(-1, dtype=torch.int32), indices
+    """Flex's (num_blocks, indices) pair for a boolean [..., n] matrix, selected blocks first.
+
+    indices is a permutation of 0..n-1 per row, selected blocks then the rest, each in index
+    order (what a stable descending argsort gives), built by two prefix sums and a scatter: a
+    scan costs less than a sort.
+    """
+    selected = blocks.to(torch.int32)
+    num_selected = selected.sum(-1, dtype=torch.int32)
+    position = torch.where(blocks, selected.cumsum(-1, dtype=torch.int32) - 1,
+                           num_selected[..., None] + (1 - selected).cumsum(-1, dtype=torch.int32) - 1)
+    index = torch.arange(blocks.shape[-1], dtype=torch.int32, device=blocks.device).expand_as(position)
+    return num_selected, torch.empty_like(position).scatter_(-1, position.long(), index)
 
 
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     """BlockMask over compact queries x tile-major slots for a [B, Hq, nq, nkv] bool block matrix.
 
     Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
-    mask_mod there); blocks mixing real and padding slots go to the partial lists. Under
-    torch.compile the mask_mod masks padding only; uncompiled it encodes the whole selection.
+    mask_mod there); blocks mixing real and padding slots go to the partial lists. The
+    backward's per-KV-block query lists come from the transposed matrix directly (Flex's own
+    route re-densifies the lists). Under torch.compile the mask_mod masks padding only;
+    uncompiled it encodes the whole selection.
     """
-    partial = layout.kv_block_partial
+    partial_blocks = kv_blocks & layout.kv_block_partial
+    full_blocks = kv_blocks & ~layout.kv_block_partial
+    kv_num, kv_indices = ordered_kv_blocks(partial_blocks)
+    full_kv_num, full_kv_indices = ordered_kv_blocks(full_blocks)
+    q_num, q_indices = ordered_kv_blocks(partial_blocks.transpose(-1, -2))
+    full_q_num, full_q_indices = ordered_kv_blocks(full_blocks.transpose(-1, -2))
     bs = layout.block_size
-    return BlockMask.from_kv_blocks(
-        *ordered_kv_blocks(kv_blocks & partial),
-        *ordered_kv_blocks(kv_blocks & ~partial),
-        BLOCK_SIZE=bs,
+    return BlockMask(
+        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
+        kv_num_blocks=kv_num, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_indices,
+        q_num_blocks=q_num, q_indices=q_indices,
+        full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
+        BLOCK_SIZE=(bs, bs),
         mask_mod=(padding_mask_mod(layout.slot_valid) if torch.compiler.is_compiling()
                   else selection_mask_mod(kv_blocks, layout.slot_valid, bs)),
-        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
     )
