@@ -32,10 +32,15 @@ from .config import BSAConfig
 from .synthetic import video_qkv
 
 WAN_CASES = [((16, 28, 52), 0.93), ((40, 48, 80), 0.95)]  # Wan2.1-1.3B at 480p-ish / 720p-ish
-SWEEP_SHAPES = [(6, 28, 52), (16, 28, 52), (20, 40, 64), (32, 40, 72), (40, 48, 80)]  # 8.7K ... 153.6K tokens
+SWEEP_SHAPES = [(4, 16, 32), (4, 32, 32), (6, 28, 52), (16, 28, 52), (20, 40, 64), (32, 40, 72),
+                (40, 48, 80)]  # 2K ... 153.6K tokens: where BSA starts to win, and how the win grows
 SWEEP_SPARSITIES = (0.80, 0.90, 0.93, 0.95)
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# Geometries compared at the Wan cases (same target sparsity, different split between query and KV sparsity)
+GEOMETRIES = {"keep 0.5": {}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 0.75": {"query_keep_ratio": 0.75}}
+FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                       "efficient": SDPBackend.EFFICIENT_ATTENTION}
+# The math backend materialises S x S scores: tried only where no fused backend runs (e.g. on CPU)
+SDPA_BACKENDS = {**FUSED_SDPA_BACKENDS, "math": SDPBackend.MATH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +91,13 @@ def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device) ->
 
 
 def best_sdpa(q, k, v, grad_out, device) -> dict:
-    """Time every SDPA backend that runs here; the fastest by fwd+bwd (or fwd) wins."""
+    """Time every fused SDPA backend that runs here (math only if none does); the fastest by fwd+bwd wins."""
     timings = {}
     for name, backend in SDPA_BACKENDS.items():
+        if name == "math" and any("error" not in t for t in timings.values()):
+            timings[name] = {"error": "not tried: a fused backend ran (math materialises S x S scores)"}
+            continue
+
         def forward(backend=backend):
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
@@ -150,8 +159,9 @@ def stage_breakdown(q, k, v, video_shape, config: BSAConfig, grad_out, device) -
             "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
 
 
-def bench_case(video_shape, target: float, setup: Setup, *, breakdown: bool, baselines: dict | None) -> dict:
-    """One (video shape, target sparsity) row; baselines (SDPA, Flex dense) are reused per shape."""
+def bench_case(video_shape, target: float, setup: Setup, geometry: str, *, breakdown: bool,
+               baselines: dict | None) -> dict:
+    """One (video shape, target sparsity, geometry) row; baselines (SDPA, Flex dense) are reused per shape."""
     device = setup.device
     train = device.type == "cuda"  # FlexAttention has no CPU backward; CPU fwd+bwd runs the blockwise path
     q, k, v = video_qkv(1, setup.heads, setup.heads, video_shape, setup.head_dim, dtype=setup.dtype,
@@ -163,10 +173,12 @@ def bench_case(video_shape, target: float, setup: Setup, *, breakdown: bool, bas
         baselines = {"sdpa": best_sdpa(q, k, v, grad_out, device),
                      "flex_dense": fwd_and_fwd_bwd(lambda: flex_dense(*flex_inputs), grad_out if train else None,
                                                    device)}
-    config, achieved = calibrate_threshold(q, k, v, video_shape, setup.config, target)
+    config, achieved = calibrate_threshold(q, k, v, video_shape,
+                                           dataclasses.replace(setup.config, **GEOMETRIES[geometry]), target)
     bsa = fwd_and_fwd_bwd(lambda: attention(q, k, v, video_shape, config), grad_out, device)
     row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
-           "sparsity": achieved, "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines}
+           "geometry": geometry, "query_keep_ratio": config.query_keep_ratio, "sparsity": achieved,
+           "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines}
     sdpa, dense = baselines["sdpa"], baselines["flex_dense"]
     for mode in ("fwd", "fwd_bwd"):
         if bsa[mode] is not None:
@@ -202,23 +214,61 @@ def markdown(result: dict) -> str:
              f"{', triton ' + env['triton'] if 'triton' in env else ''}, {env['date']})", "",
              f"B=1, {result['setup']['heads']} heads, D={result['setup']['head_dim']}, {result['setup']['dtype']}; "
              f"config {result['setup']['config']}; times are medians in ms.", "",
-             "| tokens | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd | Flex dense fwd / fwd+bwd "
-             "| BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd | outside kernel fwd+bwd | peak GiB SDPA / BSA |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| tokens | geometry | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd | Flex dense fwd / fwd+bwd "
+             "| BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd | kernel alone fwd+bwd | outside kernel fwd+bwd "
+             "| kernel vs density-ideal | peak GiB SDPA / BSA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(x):
         return "-" if x is None else f"{x:.2f}"
 
+    def share(x):
+        return "-" if x is None else f"{x:.0%}"
+
     for r in result["rows"]:
-        s, d, b = r["sdpa"], r["flex_dense"], r["bsa"]
-        outside = r.get("stages", {}).get("outside_kernel_fwd_bwd")
+        s, d, b, stages = r["sdpa"], r["flex_dense"], r["bsa"], r.get("stages", {})
         lines.append(
-            f"| {r['tokens']:,} | {r['target_sparsity']:.2f} | {r['sparsity']:.3f} | {ms(s['fwd'])} / {ms(s['fwd_bwd'])}"
-            f" ({s['backend']}) | {ms(d['fwd'])} / {ms(d['fwd_bwd'])} | {ms(b['fwd'])} / {ms(b['fwd_bwd'])} | "
-            f"{r.get('speedup_vs_sdpa_fwd', 0):.2f}x / "
+            f"| {r['tokens']:,} | {r['geometry']} | {r['target_sparsity']:.2f} | {r['sparsity']:.3f} | "
+            f"{ms(s['fwd'])} / {ms(s['fwd_bwd'])} ({s['backend']}) | {ms(d['fwd'])} / {ms(d['fwd_bwd'])} | "
+            f"{ms(b['fwd'])} / {ms(b['fwd_bwd'])} | {r.get('speedup_vs_sdpa_fwd', 0):.2f}x / "
             f"{'-' if 'speedup_vs_sdpa_fwd_bwd' not in r else format(r['speedup_vs_sdpa_fwd_bwd'], '.2f') + 'x'} | "
-            f"{'-' if outside is None else format(outside, '.0%')} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} |")
+            f"{ms(stages.get('kernel_fwd_bwd'))} | {share(stages.get('outside_kernel_fwd_bwd'))} | "
+            f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} |")
+    lines += ["", *crossover_lines(result["rows"])]
     return "\n".join(lines) + "\n"
+
+
+def _sweep_rows(rows: list[dict], target: float) -> list[dict]:
+    """Rows of the default geometry at one target sparsity, by sequence length."""
+    default = next(iter(GEOMETRIES))
+    return sorted((r for r in rows if r["target_sparsity"] == target and r["geometry"] == default),
+                  key=lambda r: r["tokens"])
+
+
+def _speedup_key(rows: list[dict]) -> str:
+    return "speedup_vs_sdpa_fwd_bwd" if all("speedup_vs_sdpa_fwd_bwd" in r for r in rows) else "speedup_vs_sdpa_fwd"
+
+
+def crossover_lines(rows: list[dict]) -> list[str]:
+    """Per target sparsity: the shortest measured sequence from which BSA beats the best SDPA."""
+    lines = []
+    for target in sorted({r["target_sparsity"] for r in rows}):
+        sweep = _sweep_rows(rows, target)
+        if len(sweep) < 2:
+            continue
+        key = _speedup_key(sweep)
+        losing = [r["tokens"] for r in sweep if r[key] <= 1.0]
+        winning = [r["tokens"] for r in sweep if r[key] > 1.0 and (not losing or r["tokens"] > max(losing))]
+        mode = "fwd+bwd" if key.endswith("fwd_bwd") else "fwd"
+        if not winning:
+            lines.append(f"- sparsity {target:.2f}: BSA does not beat SDPA ({mode}) at any measured length.")
+        elif not losing:
+            lines.append(f"- sparsity {target:.2f}: BSA beats SDPA ({mode}) at every measured length, "
+                         f"from {sweep[0]['tokens']:,} tokens ({sweep[0][key]:.2f}x).")
+        else:
+            lines.append(f"- sparsity {target:.2f}: BSA beats SDPA ({mode}) from {min(winning):,} tokens on; "
+                         f"not at {max(losing):,}.")
+    return lines
 
 
 def plot(result: dict, path: str) -> str | None:
@@ -231,8 +281,10 @@ def plot(result: dict, path: str) -> str | None:
         return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plot written"
     fig, ax = plt.subplots(figsize=(6, 4))
     for target in sorted({r["target_sparsity"] for r in result["rows"]}):
-        rows = sorted((r for r in result["rows"] if r["target_sparsity"] == target), key=lambda r: r["tokens"])
-        key = "speedup_vs_sdpa_fwd_bwd" if all("speedup_vs_sdpa_fwd_bwd" in r for r in rows) else "speedup_vs_sdpa_fwd"
+        rows = _sweep_rows(result["rows"], target)
+        if not rows:
+            continue
+        key = _speedup_key(rows)
         ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker="o", label=f"sparsity {target:.2f}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log")
@@ -263,41 +315,64 @@ def _progress(total: int):
         return Plain()
 
 
-def plan(quick: bool, sparsities) -> list[tuple[tuple[int, int, int], float, bool]]:
-    """(video shape, target sparsity, with stage breakdown) for every case to run."""
+PARTS = ("all", "wan", "sweep")
+
+
+def plan(quick: bool, part: str, sparsities) -> list[tuple[tuple[int, int, int], float, str, bool]]:
+    """(video shape, target sparsity, geometry, with stage breakdown) for every case to run.
+
+    "wan": the two Wan2.1 cases in every geometry, with the stage breakdown; "sweep": sequence
+    lengths x sparsities in the default geometry (the Wan cases' default row counts for both).
+    """
+    default = next(iter(GEOMETRIES))
     if quick:
-        return [((4, 8, 8), 0.5, True)]
-    cases = [(shape, target, True) for shape, target in WAN_CASES]
-    cases += [(shape, s, False) for shape in SWEEP_SHAPES for s in sparsities
-              if (shape, s) not in WAN_CASES]
+        return [((4, 8, 8), 0.5, default, True)]
+    cases = []
+    if part in ("all", "wan"):
+        cases += [(shape, target, geometry, True) for shape, target in WAN_CASES for geometry in GEOMETRIES]
+    if part in ("all", "sweep"):
+        cases += [(shape, s, default, False) for shape in SWEEP_SHAPES for s in sparsities
+                  if part == "sweep" or (shape, s) not in WAN_CASES]
     return cases
 
 
+def _write(result: dict, out: str, stem: str) -> str:
+    """Write <stem>.json and <stem>.md under out; return the Markdown table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(table)
+    return table
+
+
 def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/results",
-        sparsities=SWEEP_SPARSITIES) -> dict:
-    """Run the benchmark, write bench.json / bench.md / bench.png under ``out``, return the result."""
+        sparsities=SWEEP_SPARSITIES, part: str = "all") -> dict:
+    """Run the benchmark, write bench[-part].json / .md / .png under ``out``, return the result.
+
+    The JSON and Markdown files are rewritten after every case, so a run cut short keeps what it measured.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quick:
         setup = Setup(heads=2, head_dim=32, dtype=torch.float32, device=device, config=BSAConfig(block_size=32))
     else:
         setup = Setup(heads=12, head_dim=128, dtype=torch.bfloat16, device=device, config=BSAConfig())
-    cases = plan(quick, sparsities)
-    rows, baselines, bar = [], {}, _progress(len(cases))
-    for shape, target, breakdown in cases:
-        row, baselines[shape] = bench_case(shape, target, setup, breakdown=breakdown, baselines=baselines.get(shape))
-        rows.append(row)
+    cases = plan(quick, part, sparsities)
+    stem = "bench" if part == "all" else f"bench-{part}"
+    setup_info = {"heads": setup.heads, "head_dim": setup.head_dim, "dtype": str(setup.dtype).replace("torch.", ""),
+                  "config": repr(setup.config), "geometries": GEOMETRIES,
+                  "inputs": f"bsa_flex.synthetic.video_qkv(sharpness={setup.sharpness})"}
+    result = {"environment": environment(device), "setup": setup_info, "quick": quick, "part": part, "rows": []}
+    baselines, bar = {}, _progress(len(cases))
+    for shape, target, geometry, breakdown in cases:
+        row, baselines[shape] = bench_case(shape, target, setup, geometry, breakdown=breakdown,
+                                           baselines=baselines.get(shape))
+        result["rows"].append(row)
+        table = _write(result, out, stem)
         bar.update(1)
     bar.close()
-    setup_info = {"heads": setup.heads, "head_dim": setup.head_dim, "dtype": str(setup.dtype).replace("torch.", ""),
-                  "config": repr(setup.config), "inputs": f"bsa_flex.synthetic.video_qkv(sharpness={setup.sharpness})"}
-    result = {"environment": environment(device), "setup": setup_info, "quick": quick, "rows": rows}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(result)
-    with open(os.path.join(out, "bench.md"), "w") as f:
-        f.write(table)
-    note = plot(result, os.path.join(out, "bench.png"))
+    note = plot(result, os.path.join(out, f"{stem}.png"))
     print(table)
     if note:
         print(note)
@@ -309,6 +384,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one tiny case (a smoke test; runs on CPU)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     parser.add_argument("--out", default="benchmarks/results", help="folder for bench.json/.md/.png")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="wan: the two Wan2.1 cases in every geometry with a stage breakdown; sweep: "
+                             "sequence lengths x sparsities; all: both (default)")
     parser.add_argument("--sparsities", default=",".join(map(str, SWEEP_SPARSITIES)),
                         help="target sparsities of the sequence-length sweep, comma-separated")
     args = parser.parse_args(argv)
@@ -320,7 +398,7 @@ def main(argv=None) -> int:
         parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities)
+    run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities, part=args.part)
     return 0
 
 

@@ -23,3 +23,17 @@ def test_bad_command_line_exits_with_a_usage_error(argv, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_wan_part_runs_both_wan_cases_in_every_geometry_with_a_breakdown():
+    cases = bench.plan(False, "wan", bench.SWEEP_SPARSITIES)
+    assert {(shape, target) for shape, target, _, _ in cases} == set(bench.WAN_CASES)
+    assert {geometry for _, _, geometry, _ in cases} == set(bench.GEOMETRIES)
+    assert all(breakdown for *_, breakdown in cases)
+
+
+def test_all_parts_together_measure_each_case_once():
+    every = bench.plan(False, "all", bench.SWEEP_SPARSITIES)
+    assert len(every) == len(set(every))
+    sweep = {(shape, target) for shape, target, *_ in bench.plan(False, "sweep", bench.SWEEP_SPARSITIES)}
+    assert sweep == {(shape, s) for shape in bench.SWEEP_SHAPES for s in bench.SWEEP_SPARSITIES}
