@@ -25,11 +25,11 @@ def test_bad_command_line_exits_with_a_usage_error(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_wan_part_runs_both_wan_cases_in_every_geometry_with_a_breakdown():
+def test_wan_part_runs_both_wan_cases_in_every_geometry_and_breaks_down_the_default():
     cases = bench.plan(False, "wan", bench.SWEEP_SPARSITIES)
     assert {(shape, target) for shape, target, _, _ in cases} == set(bench.WAN_CASES)
     assert {geometry for _, _, geometry, _ in cases} == set(bench.GEOMETRIES)
-    assert all(breakdown for *_, breakdown in cases)
+    assert all(breakdown == (geometry == "keep 0.5") for _, _, geometry, breakdown in cases)
 
 
 def test_all_parts_together_measure_each_case_once():

@@ -39,16 +39,12 @@ def padding_mask_mod(slot_valid: torch.Tensor):
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flex's (num_blocks, indices) pair for a boolean [..., n] matrix, selected blocks first.
 
-    indices is a permutation of 0..n-1 per row, selected blocks then the rest, each in index
-    order (what a stable descending argsort gives), built by two prefix sums and a scatter: a
-    scan costs less than a sort.
+    A stable sort (not a prefix-sum scatter: Inductor 2.11 fails to generate the scan over a
+    transposed matrix at some shapes) lists selected blocks, then the rest, in index order.
     """
-    selected = blocks.to(torch.int32)
-    num_selected = selected.sum(-1, dtype=torch.int32)
-    position = torch.where(blocks, selected.cumsum(-1, dtype=torch.int32) - 1,
-                           num_selected[..., None] + (1 - selected).cumsum(-1, dtype=torch.int32) - 1)
-    index = torch.arange(blocks.shape[-1], dtype=torch.int32, device=blocks.device).expand_as(position)
-    return num_selected, torch.empty_like(position).scatter_(-1, position.long(), index)
+    as_int = blocks.to(torch.int32)
+    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
+    return as_int.sum(-1, dtype=torch.int32), indices
 
 
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
