@@ -37,11 +37,7 @@ def padding_mask_mod(slot_valid: torch.Tensor):
 
 
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flex's (num_blocks, indices) pair for a boolean [..., n] matrix, selected blocks first.
-
-    A stable sort (not a prefix-sum scatter: Inductor 2.11 fails to generate the scan over a
-    transposed matrix at some shapes) lists selected blocks, then the rest, in index order.
-    """
+    """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
     as_int = blocks.to(torch.int32)
     indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
     return as_int.sum(-1, dtype=torch.int32), indices
@@ -52,24 +48,18 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
 
     Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
     mask_mod there); blocks mixing real and padding slots go to the partial lists. The
-    backward's per-KV-block query lists come from the transposed matrix directly (Flex's own
-    route re-densifies the lists). Under torch.compile the mask_mod masks padding only;
-    uncompiled it encodes the whole selection.
+    backward's query lists come from Flex's own transpose: lists built here from the
+    transposed matrix passed the small GPU tests but hit an illegal memory access in the
+    backward at 153,600 tokens (torch 2.11, H200). Under
+    torch.compile the mask_mod masks padding only; uncompiled it encodes the whole selection.
     """
-    partial_blocks = kv_blocks & layout.kv_block_partial
-    full_blocks = kv_blocks & ~layout.kv_block_partial
-    kv_num, kv_indices = ordered_kv_blocks(partial_blocks)
-    full_kv_num, full_kv_indices = ordered_kv_blocks(full_blocks)
-    q_num, q_indices = ordered_kv_blocks(partial_blocks.transpose(-1, -2))
-    full_q_num, full_q_indices = ordered_kv_blocks(full_blocks.transpose(-1, -2))
+    partial = layout.kv_block_partial
     bs = layout.block_size
-    return BlockMask(
-        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
-        kv_num_blocks=kv_num, kv_indices=kv_indices,
-        full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_indices,
-        q_num_blocks=q_num, q_indices=q_indices,
-        full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
-        BLOCK_SIZE=(bs, bs),
+    return BlockMask.from_kv_blocks(
+        *ordered_kv_blocks(kv_blocks & partial),
+        *ordered_kv_blocks(kv_blocks & ~partial),
+        BLOCK_SIZE=bs,
         mask_mod=(padding_mask_mod(layout.slot_valid) if torch.compiler.is_compiling()
                   else selection_mask_mod(kv_blocks, layout.slot_valid, bs)),
+        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
     )
