@@ -28,7 +28,11 @@ def bench(fn, grad_out=None):
     return fwd, fb
 
 
-for video_shape, budget in [((16, 28, 52), 24), ((40, 48, 80), 118)]:
+CASES = [((16, 28, 52), 24), ((40, 48, 80), 118)]
+ONLY = os.environ.get("PROBE_TOKENS")  # e.g. PROBE_TOKENS=153600: one case only
+for video_shape, budget in CASES:
+    if ONLY and int(ONLY) != video_shape[0] * video_shape[1] * video_shape[2]:
+        continue
     S = video_shape[0] * video_shape[1] * video_shape[2]
     t0 = time.time()
     q, k, v = video_qkv(1, H, H, video_shape, D, dtype=torch.bfloat16, device=dev, seed=0, sharpness=2.0,
