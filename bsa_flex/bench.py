@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -158,14 +159,20 @@ def stage_breakdown(q, k, v, video_shape, config: BSAConfig, grad_out, device) -
             "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
 
 
+@functools.lru_cache(maxsize=1)
+def _inputs(video_shape, setup: Setup):
+    """q, k, v (leaves that require grad) and an output gradient, shared by the cases of one shape."""
+    q, k, v = video_qkv(1, setup.heads, setup.heads, video_shape, setup.head_dim, dtype=setup.dtype,
+                        device=setup.device, seed=0, sharpness=setup.sharpness, requires_grad=True)
+    return q, k, v, torch.randn_like(q)
+
+
 def bench_case(video_shape, target: float, setup: Setup, geometry: str, *, breakdown: bool,
                baselines: dict | None) -> dict:
     """One (video shape, target sparsity, geometry) row; baselines (SDPA, Flex dense) are reused per shape."""
     device = setup.device
     train = device.type == "cuda"  # FlexAttention has no CPU backward; CPU fwd+bwd runs the blockwise path
-    q, k, v = video_qkv(1, setup.heads, setup.heads, video_shape, setup.head_dim, dtype=setup.dtype,
-                        device=device, seed=0, sharpness=setup.sharpness, requires_grad=True)
-    grad_out = torch.randn_like(q)
+    q, k, v, grad_out = _inputs(video_shape, setup)
     if baselines is None:
         flex_dense = _compile(lambda q, k, v: flex_attention(q, k, v))
         flex_inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
