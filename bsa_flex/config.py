@@ -8,7 +8,7 @@ import torch
 
 from masks import FILL_POLICIES, KV_RULES
 
-__all__ = ["BSAConfig"]
+__all__ = ["BSAConfig", "keep_count"]
 
 
 def _check_real(name: str, value, low: float, high: float, *, low_open: bool = False,
@@ -43,6 +43,11 @@ def _check_triple(name: str, value) -> tuple[int, int, int]:
     if any(n < 1 for n in value):
         raise ValueError(f"BSAConfig.{name} must be three positive ints (t, h, w), got {value!r}")
     return tuple(value)
+
+
+def keep_count(query_keep_ratio: float, window_tokens: int) -> int:
+    """Kept queries per window for a keep ratio: ceil(ratio * window tokens), at least 1."""
+    return max(1, math.ceil(query_keep_ratio * window_tokens - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,7 @@ class BSAConfig:
     @property
     def keep_per_window(self) -> int:
         """Kept queries per window: ceil(query_keep_ratio * window tokens), at least 1."""
-        window_tokens = math.prod(self.window)
-        return max(1, math.ceil(self.query_keep_ratio * window_tokens - 1e-9))
+        return keep_count(self.query_keep_ratio, math.prod(self.window))
 
     @property
     def kv_rule_threshold(self) -> float | torch.Tensor:

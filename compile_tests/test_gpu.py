@@ -107,3 +107,30 @@ def test_block_size_64_with_gradients_is_refused_with_a_clear_error():
     q, k, v = (t.requires_grad_() for t in case.inputs(7, device=CUDA))
     with pytest.raises(ValueError, match="block_size=64 has no FlexAttention backward"):
         bsa_flex.attention(q, k, v, case.video_shape, BSAConfig(block_size=64), enable_gqa=True)
+
+
+def test_threshold_schedule_in_a_compiled_training_model_never_recompiles():
+    """Two BSAttention layers compiled as one model, forward AND backward, the threshold moving each step."""
+    torch.manual_seed(0)
+    video = (8, 16, 16)
+    layers = torch.nn.ModuleList([bsa_flex.BSAttention(128, 2, bsa=BSAConfig(), rope=bsa_flex.rope_3d)
+                                  for _ in range(2)]).to(CUDA)
+
+    def model(x):
+        for layer in layers:
+            x = x + layer(x, video)
+        return x
+
+    compiled = torch.compile(model, dynamic=False)
+    schedule = bsa_flex.SparsitySchedule(final_keep_ratio=0.5, start_keep_ratio=0.5, start_kv_threshold=0.99,
+                                         final_kv_threshold=0.5, ramp_steps=6, every=1)
+    graphs = []
+    for step in range(8):
+        schedule.apply(layers, step)
+        x = torch.randn(1, 2048, 128, device=CUDA, requires_grad=True)
+        compiled(x).square().mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert torch.isfinite(x.grad).all()
+    assert graphs[1:] == graphs[:1] * 7
+    rows = bsa_flex.layer_stats(layers)
+    assert all(0.5 <= r["sparsity"] < 1.0 and r["kept_query_fraction"] == 0.5 for r in rows)

@@ -1,0 +1,175 @@
+"""``BSAttention``: the self-attention of a video DiT block, sparse (BSA) or dense by setting."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from .config import BSAConfig, keep_count
+from .schedule import LayerSparsity
+
+__all__ = ["BSAttention", "LayerStats", "rope_3d", "layer_stats"]
+
+
+class LayerStats(NamedTuple):
+    """What one layer's last forward computed; 0-dim tensors on the device (no host sync)."""
+
+    sparsity: torch.Tensor
+    kept_query_fraction: torch.Tensor
+
+
+def _rope_angles(n: int, dims: int, base: float, device) -> torch.Tensor:
+    """[n, dims/2] rotation angles of positions 0..n-1 for ``dims`` rotary channels."""
+    inv_freq = base ** (-torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims)
+    return torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
+
+
+def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0):
+    """3D rotary embedding of q and k [B, H, S, D] over raster (t, h, w) positions.
+
+    The head dim is split as in Wan2.1: D - 4*(D//6) channels rotate with t, 2*(D//6) with h
+    and 2*(D//6) with w (interleaved pairs). A ready-made ``rope`` hook for :class:`BSAttention`.
+    """
+    D = q.shape[-1]
+    if D % 2 or D < 6:
+        raise ValueError(f"rope_3d needs an even head dim >= 6, got {D}")
+    spatial = 2 * (D // 6)
+    T, Hh, W = video_shape
+    angles_t = _rope_angles(T, D - 2 * spatial, base, q.device)[:, None, None, :].expand(T, Hh, W, -1)
+    angles_h = _rope_angles(Hh, spatial, base, q.device)[None, :, None, :].expand(T, Hh, W, -1)
+    angles_w = _rope_angles(W, spatial, base, q.device)[None, None, :, :].expand(T, Hh, W, -1)
+    angles = torch.cat([angles_t, angles_h, angles_w], -1).reshape(T * Hh * W, D // 2)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate(x):
+        pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
+        even, odd = pairs.unbind(-1)
+        rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1)
+        return rearrange(rotated, "... d two -> ... (d two)").to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+class BSAttention(nn.Module):
+    """Self-attention over a video's tokens: qkv projection, optional q/k RMSNorm, rope, BSA or dense.
+
+    x: [B, S, dim] with S = T*H*W tokens in raster order; ``forward(x, video_shape)`` returns
+    [B, S, dim]. ``bsa`` is the layer's BSA configuration (``None``: always dense, through
+    ``F.scaled_dot_product_attention``). ``kv_heads`` < ``heads`` is grouped-query attention.
+    ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
+
+    :meth:`set_sparsity` switches between dense and BSA and sets the query keep ratio and the
+    KV threshold (what :class:`SparsitySchedule` calls each step). The threshold is a float32
+    tensor owned by the layer and updated in place, so a compiled model never recompiles for
+    it; the keep ratio is rounded to a whole number of kept queries per window, and each
+    count (and the dense mode) compiles once. After each BSA forward, ``last_stats`` holds
+    the achieved sparsity and kept-query fraction as device tensors.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, head_dim: int | None = None,
+                 qk_norm: bool = True, bsa: BSAConfig | None = None, rope: Callable | None = None,
+                 bias: bool = True):
+        super().__init__()
+        for name, value in (("dim", dim), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BSAttention {name} must be a positive int, got {value!r}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"BSAttention kv_heads must be a positive int dividing heads={heads}, got {kv_heads!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"BSAttention dim={dim} is not divisible by heads={heads}: pass head_dim")
+            head_dim = dim // heads
+        if bsa is not None and not isinstance(bsa, BSAConfig):
+            raise TypeError(f"BSAttention bsa must be a BSAConfig or None, got {type(bsa).__name__}")
+        if rope is not None and not callable(rope):
+            raise TypeError(f"BSAttention rope must be None or a callable (q, k, video_shape) -> (q, k)")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.rope = rope
+        self.bsa = bsa
+        self.dense = bsa is None
+        self.last_stats: LayerStats | None = None
+        if bsa is not None:
+            self._threshold = torch.tensor(float(bsa.kv_threshold), dtype=torch.float32)
+            self._configs: dict[int, BSAConfig] = {}
+            self._config = self._config_for(bsa.keep_per_window)
+
+    def _config_for(self, kept_per_window: int) -> BSAConfig:
+        """The layer's config at a kept count, bound to its threshold tensor (one object per count)."""
+        if kept_per_window not in self._configs:
+            ratio = kept_per_window / math.prod(self.bsa.window)
+            self._configs[kept_per_window] = dataclasses.replace(
+                self.bsa, query_keep_ratio=ratio, kv_threshold=self._threshold)
+        return self._configs[kept_per_window]
+
+    def _apply(self, fn, recurse=True):
+        """Move the threshold with the parameters, kept float32 whatever dtype the model takes."""
+        module = super()._apply(fn, recurse)
+        if self.bsa is not None and self._threshold.device != self.qkv.weight.device:
+            self._threshold = self._threshold.to(self.qkv.weight.device)
+            kept = self._config.keep_per_window
+            self._configs = {}
+            self._config = self._config_for(kept)
+        return module
+
+    @property
+    def config(self) -> BSAConfig | None:
+        """The BSA config the next forward uses (None when dense)."""
+        return None if self.dense else self._config
+
+    def set_sparsity(self, setting: LayerSparsity) -> None:
+        """Dense, or BSA at a keep ratio (rounded to whole kept queries per window) and KV threshold."""
+        if setting.dense:
+            self.dense = True
+            return
+        if self.bsa is None:
+            raise ValueError("BSAttention was built with bsa=None (always dense): pass a BSAConfig to make it sparse")
+        if self.bsa.kv_rule != "cumulative":
+            raise ValueError(f"the schedule sets kv_threshold, which kv_rule={self.bsa.kv_rule!r} does not use: "
+                             f"build the layer with kv_rule='cumulative'")
+        if not 0.0 < setting.kv_threshold <= 1.0 or not 0.0 < setting.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio and kv_threshold must lie in (0, 1], got {setting}")
+        self.dense = False
+        self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
+        self._threshold.fill_(setting.kv_threshold)
+
+    def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(rearrange(q, "b s (h d) -> b h s d", d=self.head_dim))
+        k = self.k_norm(rearrange(k, "b s (h d) -> b h s d", d=self.head_dim))
+        v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q, k, video_shape)
+        gqa = self.kv_heads != self.heads
+        if self.dense:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            self.last_stats = None
+        else:
+            out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, return_stats=True)
+            self.last_stats = LayerStats(stats.sparsity.detach(), stats.kept_query_fraction.detach())
+        return self.out(rearrange(out, "b h s d -> b s (h d)"))
+
+
+def layer_stats(layers: Iterable[BSAttention]) -> list[dict]:
+    """Per layer: dense flag, achieved sparsity and kept-query fraction of its last forward (one host sync)."""
+    layers = list(layers)
+    measured = [layer.last_stats for layer in layers if layer.last_stats is not None]
+    host = torch.stack([torch.stack([s.sparsity.float(), s.kept_query_fraction.float()])
+                        for s in measured]).tolist() if measured else []
+    rows, values = [], iter(host)
+    for index, layer in enumerate(layers):
+        sparsity, kept = (0.0, 1.0) if layer.last_stats is None else next(values)
+        rows.append({"layer": index, "dense": layer.last_stats is None, "sparsity": sparsity,
+                     "kept_query_fraction": kept})
+    return rows

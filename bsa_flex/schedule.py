@@ -1,0 +1,115 @@
+"""SparsitySchedule: dense warm-up, then a stair ramp of BSA's knobs to their final values."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple
+
+__all__ = ["LayerSparsity", "SparsitySchedule"]
+
+_OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "dense")
+
+
+class LayerSparsity(NamedTuple):
+    """What one attention layer runs at one step."""
+
+    dense: bool  # full attention (no BSA at all)
+    keep_ratio: float  # BSA query keep ratio (ignored when dense)
+    kv_threshold: float  # BSA KV threshold (ignored when dense)
+
+
+def _check_fraction(name: str, value, *, low_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"SparsitySchedule.{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value > 1.0 or value < 0.0 or (low_open and value == 0.0):
+        raise ValueError(f"SparsitySchedule.{name} must lie in (0, 1], got {value!r}")
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SparsitySchedule.{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"SparsitySchedule.{name} must be >= {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class SparsitySchedule:
+    """Per step and layer: dense, or BSA with a query keep ratio and a KV threshold.
+
+    Steps ``0 .. dense_steps - 1`` run full attention everywhere (warm-up), and the first
+    ``dense_layers`` layers run it at every step. After the warm-up both knobs move linearly
+    from ``start_*`` to ``final_*`` over ``ramp_steps`` steps, changing only every ``every``
+    steps (stairs; the paper's recipe raises sparsity by 0.03 every 30 steps up to 0.9).
+    ``layer_overrides`` maps a layer index to replacements of ``final_keep_ratio``,
+    ``final_kv_threshold`` or ``dense``.
+
+    Cost of changing values (see :class:`bsa_flex.BSAttention`): the KV threshold lives in a
+    tensor updated in place, so its ramp never recompiles; the keep ratio sets a shape (the
+    number of kept queries), so each distinct kept count per window compiles once (at most
+    one graph per count between start and final, e.g. 5 for 8 -> 4 in 2x2x2 windows), and so
+    does the switch from dense to sparse. Revisiting a value reuses its graph.
+    """
+
+    final_keep_ratio: float = 0.5
+    final_kv_threshold: float = 0.9
+    dense_steps: int = 0
+    ramp_steps: int = 0
+    every: int = 30
+    start_keep_ratio: float = 1.0
+    start_kv_threshold: float = 1.0
+    dense_layers: int = 0
+    layer_overrides: Mapping[int, Mapping[str, float | bool]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("final_keep_ratio", "final_kv_threshold", "start_keep_ratio", "start_kv_threshold"):
+            _check_fraction(name, getattr(self, name))
+        _check_count("dense_steps", self.dense_steps, 0)
+        _check_count("ramp_steps", self.ramp_steps, 0)
+        _check_count("every", self.every, 1)
+        _check_count("dense_layers", self.dense_layers, 0)
+        if not isinstance(self.layer_overrides, Mapping):
+            raise TypeError(f"SparsitySchedule.layer_overrides must map layer index -> dict, "
+                            f"got {type(self.layer_overrides).__name__}")
+        for layer, override in self.layer_overrides.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise TypeError(f"SparsitySchedule.layer_overrides keys must be layer indices >= 0, got {layer!r}")
+            unknown = set(override) - set(_OVERRIDABLE)
+            if unknown:
+                raise ValueError(f"SparsitySchedule.layer_overrides[{layer}] has unknown keys {sorted(unknown)}; "
+                                 f"allowed: {_OVERRIDABLE}")
+            for name in ("final_keep_ratio", "final_kv_threshold"):
+                if name in override:
+                    _check_fraction(f"layer_overrides[{layer}][{name!r}]", override[name])
+            if "dense" in override and not isinstance(override["dense"], bool):
+                raise TypeError(f"SparsitySchedule.layer_overrides[{layer}]['dense'] must be a bool")
+
+    def progress(self, step: int) -> float:
+        """Ramp progress in [0, 1] at ``step`` (a stair function; 1.0 once the ramp is over)."""
+        _check_count("step", step, 0)
+        if step < self.dense_steps:
+            return 0.0
+        if self.ramp_steps == 0:
+            return 1.0
+        stair = (step - self.dense_steps) // self.every * self.every
+        return min(1.0, stair / self.ramp_steps)
+
+    def at(self, step: int, layer: int) -> LayerSparsity:
+        """The setting of ``layer`` at ``step``."""
+        _check_count("layer", layer, 0)
+        override = self.layer_overrides.get(layer, {})
+        dense = step < self.dense_steps or layer < self.dense_layers or bool(override.get("dense", False))
+        t = self.progress(step)
+        final_keep = override.get("final_keep_ratio", self.final_keep_ratio)
+        final_threshold = override.get("final_kv_threshold", self.final_kv_threshold)
+        return LayerSparsity(dense=dense,
+                             keep_ratio=self.start_keep_ratio + t * (final_keep - self.start_keep_ratio),
+                             kv_threshold=self.start_kv_threshold + t * (final_threshold - self.start_kv_threshold))
+
+    def apply(self, layers: Iterable, step: int) -> list[LayerSparsity]:
+        """Set every layer (``BSAttention`` modules, in depth order) to its value at ``step``."""
+        settings = []
+        for index, layer in enumerate(layers):
+            setting = self.at(step, index)
+            layer.set_sparsity(setting)
+            settings.append(setting)
+        return settings

@@ -1,0 +1,167 @@
+"""BSAttention: the DiT self-attention module, its sparsity switch, stats, rope, and compile behaviour."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch._dynamo.utils import counters
+
+import bsa_flex
+from bsa_flex import BSAConfig, BSAttention, LayerSparsity, SparsitySchedule, layer_stats, rope_3d
+from bsa_flex.config import keep_count
+from masks import reference_attention, tile_layout
+
+VIDEO = (4, 8, 8)
+CONFIG = BSAConfig(block_size=16, kv_threshold=0.8)
+
+
+def _layer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return BSAttention(64, 4, **{"kv_heads": 2, "bsa": CONFIG, "rope": rope_3d, **kwargs})
+
+
+def _tokens(seed=1, batch=2):
+    return torch.randn(batch, 256, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _qkv(layer, x):
+    """The layer's q, k, v as its forward computes them (projection, norm, rope)."""
+    q, k, v = layer.qkv(x).split([4 * 16, 2 * 16, 2 * 16], -1)
+    q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=16) for t in (q, k, v))
+    return (*layer.rope(layer.q_norm(q), layer.k_norm(k), VIDEO), v)
+
+
+def test_sparse_layer_output_is_the_oracle_on_its_own_selection():
+    layer, x = _layer(), _tokens()
+    with torch.no_grad():
+        q, k, v = _qkv(layer, x)
+        _, stats = bsa_flex.attention(q, k, v, VIDEO, layer.config, enable_gqa=True, return_stats=True)
+        expected, _ = reference_attention(q, k, v, stats.selection, tile_layout(VIDEO, CONFIG.tile, CONFIG.window, 16,
+                                                                                 torch.device("cpu")), scale=0.25)
+        expected = layer.out(rearrange(expected.float(), "b h s d -> b s (h d)"))
+        torch.testing.assert_close(layer(x, VIDEO), expected, atol=1e-4, rtol=1e-4)
+    assert 0.0 < layer_stats([layer])[0]["sparsity"] < 1.0
+
+
+def test_dense_mode_is_sdpa_and_dense_bsa_config_matches_it_with_gradients():
+    x = _tokens()
+    dense, through_bsa = _layer(seed=3), _layer(seed=3, bsa=BSAConfig.dense(block_size=16))
+    dense.set_sparsity(LayerSparsity(dense=True, keep_ratio=1.0, kv_threshold=1.0))
+    q, k, v = _qkv(dense, x)
+    expected = dense.out(rearrange(F.scaled_dot_product_attention(q, k, v, enable_gqa=True), "b h s d -> b s (h d)"))
+    out_dense, out_bsa = dense(x, VIDEO), through_bsa(x, VIDEO)
+    torch.testing.assert_close(out_dense, expected)
+    torch.testing.assert_close(out_bsa, out_dense, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out_dense)
+    out_dense.backward(grad)
+    out_bsa.backward(grad)
+    for (name, a), b in zip(dense.named_parameters(), through_bsa.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_keep_ratio_is_rounded_to_whole_kept_queries_and_each_count_has_one_config_object():
+    layer = _layer()
+    layer.set_sparsity(LayerSparsity(False, 0.7, 0.9))  # 2x2x2 windows: ceil(5.6) = 6 of 8
+    first = layer.config
+    assert first.query_keep_ratio == 0.75 and first.keep_per_window == 6
+    layer.set_sparsity(LayerSparsity(False, 0.74, 0.5))
+    assert layer.config is first and float(first.kv_threshold) == 0.5
+
+
+def test_threshold_is_one_float32_tensor_updated_in_place_even_after_a_dtype_cast():
+    layer = _layer().to(torch.bfloat16)
+    tensor = layer.config.kv_threshold
+    assert tensor.dtype == torch.float32
+    layer.set_sparsity(LayerSparsity(False, 0.5, 0.8125))
+    assert layer.config.kv_threshold is tensor and float(tensor) == 0.8125
+
+
+def test_dense_layers_report_no_sparsity_and_sparse_layers_report_their_call():
+    layers = [_layer(), _layer()]
+    layers[0].set_sparsity(LayerSparsity(True, 1.0, 1.0))
+    x = _tokens()
+    with torch.no_grad():
+        for layer in layers:
+            layer(x, VIDEO)
+        _, stats = bsa_flex.attention(*_qkv(layers[1], x), VIDEO, layers[1].config, enable_gqa=True,
+                                      return_stats=True)
+    rows = layer_stats(layers)
+    assert rows[0] == {"layer": 0, "dense": True, "sparsity": 0.0, "kept_query_fraction": 1.0}
+    assert rows[1]["sparsity"] == pytest.approx(float(stats.sparsity))
+    assert rows[1]["kept_query_fraction"] == pytest.approx(float(stats.kept_query_fraction))
+
+
+def test_rope_3d_makes_scores_depend_only_on_the_offset_between_positions():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 24).expand(1, 1, 60, 24), torch.randn(1, 1, 1, 24).expand(1, 1, 60, 24)
+    rq, rk = rope_3d(q, k, (3, 4, 5))
+    scores = (rq @ rk.transpose(-1, -2))[0, 0]
+    pos = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (3, 4, 5)], indexing="ij"), -1).reshape(60, 3)
+    i, j = 5, 17  # every other pair (a, b) with the same position offset must give the same score
+    offset = pos[j] - pos[i]
+    pairs = 0
+    for a in range(60):
+        match = (pos == pos[a] + offset).all(-1).nonzero()
+        if match.numel():
+            assert scores[a, match[0, 0]] == pytest.approx(float(scores[i, j]), abs=1e-4)
+            pairs += 1
+    assert pairs > 1
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"kv_heads": 3}, ValueError, "kv_heads"),
+    ({"bsa": "dense"}, TypeError, "bsa"),
+    ({"rope": 1}, TypeError, "rope"),
+    ({"head_dim": None, "heads": 5}, ValueError, "divisible"),
+])
+def test_invalid_layers_are_rejected_naming_the_argument(kwargs, error, match):
+    heads = kwargs.pop("heads", 4)
+    with pytest.raises(error, match=match):
+        BSAttention(64, heads, **{"kv_heads": kwargs.pop("kv_heads", None), **kwargs})
+
+
+def test_sparse_setting_on_a_dense_only_layer_or_a_zscore_layer_is_refused():
+    with pytest.raises(ValueError, match="bsa=None"):
+        BSAttention(64, 4).set_sparsity(LayerSparsity(False, 0.5, 0.9))
+    with pytest.raises(ValueError, match="zscore"):
+        _layer(bsa=BSAConfig(block_size=16, kv_rule="zscore")).set_sparsity(LayerSparsity(False, 0.5, 0.9))
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.ModuleList([_layer(seed=i) for i in range(2)])
+
+    def forward(self, x):
+        for layer in self.attn:
+            x = x + layer(x, VIDEO)
+        return x
+
+
+def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure_changes():
+    """Inference on CPU (the compiled Flex path); the GPU suite checks the same with gradients.
+
+    The structure is the dense flag and the kept queries per window; the threshold moves every step.
+    """
+    model = _TwoLayers()
+    compiled = torch.compile(model, dynamic=False)
+    schedule = SparsitySchedule(final_keep_ratio=0.75, final_kv_threshold=0.6, start_kv_threshold=0.95,
+                                dense_steps=1, ramp_steps=8, every=1)
+    structure = [(schedule.at(step, 0).dense, keep_count(schedule.at(step, 0).keep_ratio, 8)) for step in range(12)]
+    new_graphs = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", bsa_flex.BSARecompileWarning)
+        for step in range(12):
+            schedule.apply(model.attn, step)
+            x = _tokens(seed=step, batch=1)
+            before = counters["stats"]["unique_graphs"]
+            got = compiled(x)
+            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    assert len({schedule.at(step, 0).kv_threshold for step in range(1, 12)}) >= 8
+    for step in range(1, 12):
+        if structure[step] == structure[step - 1]:
+            assert new_graphs[step] == 0, f"step {step} recompiled with the structure unchanged"
+    assert sum(new_graphs) <= len(set(structure))

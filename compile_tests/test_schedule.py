@@ -1,0 +1,88 @@
+"""SparsitySchedule: warm-up, stairs, final values, per-layer overrides, validation."""
+import pytest
+from hypothesis import given, strategies as st
+
+from bsa_flex import SparsitySchedule
+
+
+@st.composite
+def schedules(draw):
+    return SparsitySchedule(
+        final_keep_ratio=draw(st.floats(0.1, 1.0)), final_kv_threshold=draw(st.floats(0.1, 1.0)),
+        dense_steps=draw(st.integers(0, 50)), ramp_steps=draw(st.integers(0, 300)), every=draw(st.integers(1, 40)),
+        start_keep_ratio=draw(st.floats(0.1, 1.0)), start_kv_threshold=draw(st.floats(0.1, 1.0)),
+        dense_layers=draw(st.integers(0, 3)))
+
+
+@given(schedules(), st.integers(0, 5))
+def test_warm_up_steps_are_dense_in_every_layer(schedule, layer):
+    assert all(schedule.at(step, layer).dense for step in range(schedule.dense_steps))
+
+
+@given(schedules(), st.integers(0, 500))
+def test_first_layers_stay_dense_at_every_step(schedule, step):
+    assert all(schedule.at(step, layer).dense for layer in range(schedule.dense_layers))
+    assert schedule.at(step, schedule.dense_layers).dense == (step < schedule.dense_steps)
+
+
+@given(schedules())
+def test_values_change_only_on_stair_boundaries_and_move_monotonically_to_the_final(schedule):
+    end = schedule.dense_steps + schedule.ramp_steps + 2 * schedule.every
+    values = [schedule.at(step, 5) for step in range(schedule.dense_steps, end)]
+    for offset, (before, after) in enumerate(zip(values, values[1:]), start=1):
+        if (before.keep_ratio, before.kv_threshold) != (after.keep_ratio, after.kv_threshold):
+            assert offset % schedule.every == 0
+    for name, start, final in [("keep_ratio", schedule.start_keep_ratio, schedule.final_keep_ratio),
+                               ("kv_threshold", schedule.start_kv_threshold, schedule.final_kv_threshold)]:
+        series = [getattr(v, name) for v in values]
+        assert series[0] == pytest.approx(start) or schedule.ramp_steps == 0
+        steps = [b - a for a, b in zip(series, series[1:])]
+        assert all(d * (final - start) >= -1e-12 for d in steps)  # never moves away from the final value
+        assert series[-1] == pytest.approx(final)
+
+
+@given(schedules(), st.integers(0, 10_000))
+def test_after_the_ramp_every_step_runs_the_final_values(schedule, extra):
+    setting = schedule.at(schedule.dense_steps + schedule.ramp_steps + schedule.every + extra, 7)
+    assert not setting.dense
+    assert setting.keep_ratio == pytest.approx(schedule.final_keep_ratio)
+    assert setting.kv_threshold == pytest.approx(schedule.final_kv_threshold)
+
+
+def test_layer_overrides_replace_the_final_values_of_that_layer_only():
+    schedule = SparsitySchedule(final_keep_ratio=0.5, final_kv_threshold=0.9,
+                                layer_overrides={1: {"final_keep_ratio": 0.75, "final_kv_threshold": 0.95},
+                                                 2: {"dense": True}})
+    assert schedule.at(10, 0)[1:] == (0.5, 0.9)
+    assert schedule.at(10, 1)[1:] == (0.75, 0.95)
+    assert schedule.at(10, 2).dense and not schedule.at(10, 3).dense
+
+
+def test_the_papers_recipe_raises_sparsity_every_30_steps():
+    """+0.03 every 30 steps up to 0.9: here as the keep ratio going 1.0 -> 0.1 in 30 stairs."""
+    schedule = SparsitySchedule(final_keep_ratio=0.1, start_keep_ratio=1.0, final_kv_threshold=1.0,
+                                ramp_steps=900, every=30)
+    keeps = [schedule.at(step, 0).keep_ratio for step in range(0, 931)]
+    assert keeps[29] == 1.0 and keeps[30] == pytest.approx(0.97) and keeps[900] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"final_keep_ratio": 0.0}, ValueError, "final_keep_ratio"),
+    ({"final_kv_threshold": 1.5}, ValueError, "final_kv_threshold"),
+    ({"start_keep_ratio": "1"}, TypeError, "start_keep_ratio"),
+    ({"every": 0}, ValueError, "every"),
+    ({"dense_steps": -1}, ValueError, "dense_steps"),
+    ({"ramp_steps": 2.5}, TypeError, "ramp_steps"),
+    ({"layer_overrides": {0: {"keep": 0.5}}}, ValueError, "unknown keys"),
+    ({"layer_overrides": {0: {"final_keep_ratio": 2.0}}}, ValueError, "final_keep_ratio"),
+    ({"layer_overrides": {-1: {}}}, TypeError, "layer indices"),
+    ({"layer_overrides": [(0, {})]}, TypeError, "layer_overrides"),
+])
+def test_invalid_schedules_are_rejected_naming_the_field(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SparsitySchedule(**kwargs)
+
+
+def test_negative_step_is_rejected():
+    with pytest.raises(ValueError, match="step"):
+        SparsitySchedule().at(-1, 0)
