@@ -143,7 +143,8 @@ class BSAttention(nn.Module):
         self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
         self._threshold.fill_(setting.kv_threshold)
 
-    def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
+    def project(self, x: torch.Tensor, video_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, dim] -> the attention's q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, rotated)."""
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
         q = self.q_norm(rearrange(q, "b s (h d) -> b h s d", d=self.head_dim))
@@ -151,6 +152,10 @@ class BSAttention(nn.Module):
         v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, k, video_shape)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
+        q, k, v = self.project(x, video_shape)
         gqa = self.kv_heads != self.heads
         if self.dense:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

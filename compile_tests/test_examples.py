@@ -1,0 +1,82 @@
+"""The runnable examples: the DiT training script's CPU smoke run and its measurement helpers."""
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load("train_video_dit")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    return train.main(["--tiny", "--out", str(out)]), out
+
+
+def test_tiny_training_writes_a_summary_with_both_arms(tiny_run):
+    summary, out = tiny_run
+    assert (out / "summary.json").exists()
+    assert set(summary["final_val_loss"]) == {"full", "bsa"}
+    assert all(math.isfinite(x) for x in summary["final_val_loss"].values())
+    assert summary["environment"]["card"] == "CPU"
+
+
+def test_both_arms_start_from_the_same_weights_data_and_noise(tiny_run):
+    """Step 0 is dense in the BSA arm (warm-up), so both arms compute the same first loss."""
+    curves = tiny_run[0]["curves"]
+    assert curves["full"]["val"][0] == curves["bsa"]["val"][0]
+    assert curves["full"]["train_loss"][0] == pytest.approx(curves["bsa"]["train_loss"][0], rel=1e-6)
+
+
+def test_bsa_arm_ends_sparse_after_its_warm_up(tiny_run):
+    summary = tiny_run[0]
+    assert 0.3 < summary["bsa_final_sparsity_mean"] < 1.0
+    first_logged = summary["curves"]["bsa"]["sparsity"][0]
+    assert first_logged[0] == 0 and first_logged[1] == [0.0] * len(first_logged[1])  # dense warm-up
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return train.VideoDiT(4, (1, 2, 2), 32, 1, 2, None), train.make_clips([5], 4, 16, 16, 4, "cpu")
+
+
+def test_sweep_keeping_everything_reproduces_full_attention_and_all_its_mass():
+    model, clips = _small_model()
+    (row,) = train.training_free_sweep(model, clips, 16, torch.float32, keeps=(1.0,), thresholds=(1.0,))
+    assert row["rel_l2"] < 1e-5 and row["retained_mass"] == pytest.approx(1.0, abs=1e-5)
+    assert row["sparsity"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sweep_pruning_retains_less_mass_and_errs_more():
+    model, clips = _small_model()
+    (dense,), (sparse,) = (train.training_free_sweep(model, clips, 16, torch.float32, keeps=(keep,),
+                                                     thresholds=(p,)) for keep, p in ((1.0, 1.0), (0.5, 0.5)))
+    assert sparse["retained_mass"] < dense["retained_mass"] and sparse["rel_l2"] > dense["rel_l2"]
+
+
+def test_clips_are_deterministic_per_seed_and_differ_across_seeds():
+    a, b, c = (train.make_clips([s], 4, 16, 16, 4, "cpu") for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert a.shape == (1, 4, 4, 16, 16) and abs(float(a.std()) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("argv", [["--tiny", "--steps", "1"], ["--tiny", "--final-keep", "0"],
+                                  ["--tiny", "--warmup", "0.8", "--ramp", "0.5"]])
+def test_bad_arguments_exit_with_a_usage_error(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
