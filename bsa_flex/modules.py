@@ -14,7 +14,7 @@ from .attention import attention
 from .config import BSAConfig, keep_count
 from .schedule import LayerSparsity
 
-__all__ = ["BSAttention", "LayerStats", "rope_3d", "layer_stats"]
+__all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
 
 class LayerStats(NamedTuple):
@@ -56,6 +56,72 @@ def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0
     return rotate(q), rotate(k)
 
 
+class SparsityControl:
+    """One attention layer's BSA setting, as a schedule steps it: dense, or a config at a kept count.
+
+    The KV threshold is one float32 tensor owned here and updated in place, so a compiled model
+    never recompiles for it; the keep ratio is rounded to a whole number of kept queries per
+    window, with one config object per count (each count, and the dense mode, compiles once).
+    """
+
+    def __init__(self, bsa: BSAConfig | None):
+        if bsa is not None and not isinstance(bsa, BSAConfig):
+            raise TypeError(f"bsa must be a BSAConfig or None, got {type(bsa).__name__}")
+        self.bsa = bsa
+        self.dense = bsa is None
+        self.last_stats: LayerStats | None = None
+        if bsa is not None:
+            self.threshold = torch.tensor(float(bsa.kv_threshold), dtype=torch.float32)
+            self._configs: dict[int, BSAConfig] = {}
+            self._config = self._config_for(bsa.keep_per_window)
+
+    def _config_for(self, kept_per_window: int) -> BSAConfig:
+        if kept_per_window not in self._configs:
+            ratio = kept_per_window / math.prod(self.bsa.window)
+            self._configs[kept_per_window] = dataclasses.replace(
+                self.bsa, query_keep_ratio=ratio, kv_threshold=self.threshold)
+        return self._configs[kept_per_window]
+
+    @property
+    def config(self) -> BSAConfig | None:
+        """The BSA config the next call uses (None when dense)."""
+        return None if self.dense else self._config
+
+    def to(self, device) -> None:
+        """Move the threshold (kept float32) and rebind the configs to it."""
+        if self.bsa is not None and self.threshold.device != torch.device(device):
+            kept = self._config.keep_per_window
+            self.threshold = self.threshold.to(device)
+            self._configs = {}
+            self._config = self._config_for(kept)
+
+    def set_sparsity(self, setting: LayerSparsity) -> None:
+        """Dense, or BSA at a keep ratio (rounded to whole kept queries per window) and KV threshold."""
+        if setting.dense:
+            self.dense = True
+            return
+        if self.bsa is None:
+            raise ValueError("this layer was built with bsa=None (always dense): pass a BSAConfig to make it sparse")
+        if self.bsa.kv_rule != "cumulative":
+            raise ValueError(f"the schedule sets kv_threshold, which kv_rule={self.bsa.kv_rule!r} does not use: "
+                             f"build the layer with kv_rule='cumulative'")
+        if not 0.0 < setting.kv_threshold <= 1.0 or not 0.0 < setting.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio and kv_threshold must lie in (0, 1], got {setting}")
+        self.dense = False
+        self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
+        self.threshold.fill_(setting.kv_threshold)
+
+    def attend(self, q, k, v, video_shape) -> torch.Tensor:
+        """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``."""
+        gqa = q.shape[1] != k.shape[1]
+        if self.dense:
+            self.last_stats = None
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, return_stats=True)
+        self.last_stats = LayerStats(stats.sparsity.detach(), stats.kept_query_fraction.detach())
+        return out
+
+
 class BSAttention(nn.Module):
     """Self-attention over a video's tokens: qkv projection, optional q/k RMSNorm, rope, BSA or dense.
 
@@ -65,11 +131,9 @@ class BSAttention(nn.Module):
     ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
 
     :meth:`set_sparsity` switches between dense and BSA and sets the query keep ratio and the
-    KV threshold (what :class:`SparsitySchedule` calls each step). The threshold is a float32
-    tensor owned by the layer and updated in place, so a compiled model never recompiles for
-    it; the keep ratio is rounded to a whole number of kept queries per window, and each
-    count (and the dense mode) compiles once. After each BSA forward, ``last_stats`` holds
-    the achieved sparsity and kept-query fraction as device tensors.
+    KV threshold (what :class:`SparsitySchedule` calls each step; see :class:`SparsityControl`
+    for what recompiles). After each BSA forward, ``last_stats`` holds the achieved sparsity
+    and kept-query fraction as device tensors.
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, head_dim: int | None = None,
@@ -86,62 +150,34 @@ class BSAttention(nn.Module):
             if dim % heads:
                 raise ValueError(f"BSAttention dim={dim} is not divisible by heads={heads}: pass head_dim")
             head_dim = dim // heads
-        if bsa is not None and not isinstance(bsa, BSAConfig):
-            raise TypeError(f"BSAttention bsa must be a BSAConfig or None, got {type(bsa).__name__}")
         if rope is not None and not callable(rope):
-            raise TypeError(f"BSAttention rope must be None or a callable (q, k, video_shape) -> (q, k)")
+            raise TypeError("BSAttention rope must be None or a callable (q, k, video_shape) -> (q, k)")
+        self.sparsity = SparsityControl(bsa)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.out = nn.Linear(heads * head_dim, dim, bias=bias)
         self.rope = rope
-        self.bsa = bsa
-        self.dense = bsa is None
-        self.last_stats: LayerStats | None = None
-        if bsa is not None:
-            self._threshold = torch.tensor(float(bsa.kv_threshold), dtype=torch.float32)
-            self._configs: dict[int, BSAConfig] = {}
-            self._config = self._config_for(bsa.keep_per_window)
-
-    def _config_for(self, kept_per_window: int) -> BSAConfig:
-        """The layer's config at a kept count, bound to its threshold tensor (one object per count)."""
-        if kept_per_window not in self._configs:
-            ratio = kept_per_window / math.prod(self.bsa.window)
-            self._configs[kept_per_window] = dataclasses.replace(
-                self.bsa, query_keep_ratio=ratio, kv_threshold=self._threshold)
-        return self._configs[kept_per_window]
 
     def _apply(self, fn, recurse=True):
         """Move the threshold with the parameters, kept float32 whatever dtype the model takes."""
         module = super()._apply(fn, recurse)
-        if self.bsa is not None and self._threshold.device != self.qkv.weight.device:
-            self._threshold = self._threshold.to(self.qkv.weight.device)
-            kept = self._config.keep_per_window
-            self._configs = {}
-            self._config = self._config_for(kept)
+        self.sparsity.to(self.qkv.weight.device)
         return module
 
     @property
     def config(self) -> BSAConfig | None:
         """The BSA config the next forward uses (None when dense)."""
-        return None if self.dense else self._config
+        return self.sparsity.config
+
+    @property
+    def last_stats(self) -> LayerStats | None:
+        return self.sparsity.last_stats
 
     def set_sparsity(self, setting: LayerSparsity) -> None:
-        """Dense, or BSA at a keep ratio (rounded to whole kept queries per window) and KV threshold."""
-        if setting.dense:
-            self.dense = True
-            return
-        if self.bsa is None:
-            raise ValueError("BSAttention was built with bsa=None (always dense): pass a BSAConfig to make it sparse")
-        if self.bsa.kv_rule != "cumulative":
-            raise ValueError(f"the schedule sets kv_threshold, which kv_rule={self.bsa.kv_rule!r} does not use: "
-                             f"build the layer with kv_rule='cumulative'")
-        if not 0.0 < setting.kv_threshold <= 1.0 or not 0.0 < setting.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio and kv_threshold must lie in (0, 1], got {setting}")
-        self.dense = False
-        self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
-        self._threshold.fill_(setting.kv_threshold)
+        """See :meth:`SparsityControl.set_sparsity`."""
+        self.sparsity.set_sparsity(setting)
 
     def project(self, x: torch.Tensor, video_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, dim] -> the attention's q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, rotated)."""
@@ -155,19 +191,12 @@ class BSAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
-        q, k, v = self.project(x, video_shape)
-        gqa = self.kv_heads != self.heads
-        if self.dense:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            self.last_stats = None
-        else:
-            out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, return_stats=True)
-            self.last_stats = LayerStats(stats.sparsity.detach(), stats.kept_query_fraction.detach())
+        out = self.sparsity.attend(*self.project(x, video_shape), video_shape)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))
 
 
-def layer_stats(layers: Iterable[BSAttention]) -> list[dict]:
-    """Per layer: dense flag, achieved sparsity and kept-query fraction of its last forward (one host sync)."""
+def layer_stats(layers: Iterable) -> list[dict]:
+    """Per layer (anything with ``last_stats``): dense flag, sparsity and kept-query fraction of its last call (one host sync)."""
     layers = list(layers)
     measured = [layer.last_stats for layer in layers if layer.last_stats is not None]
     host = torch.stack([torch.stack([s.sparsity.float(), s.kept_query_fraction.float()])

@@ -112,7 +112,7 @@ def test_rope_3d_makes_scores_depend_only_on_the_offset_between_positions():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"kv_heads": 3}, ValueError, "kv_heads"),
-    ({"bsa": "dense"}, TypeError, "bsa"),
+    ({"bsa": "dense"}, TypeError, "bsa must be"),
     ({"rope": 1}, TypeError, "rope"),
     ({"head_dim": None, "heads": 5}, ValueError, "divisible"),
 ])

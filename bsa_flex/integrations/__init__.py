@@ -1,0 +1,1 @@
+"""Integrations of BSA into model libraries (each one an optional extra)."""
