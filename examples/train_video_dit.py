@@ -221,7 +221,7 @@ def train_arm(name: str, args, bsa: BSAConfig | None, schedule: SparsitySchedule
         if device.type == "cuda":
             torch.cuda.synchronize()
         record["step_ms"].append((time.perf_counter() - start) * 1e3)
-        record["train_loss"].append(float(loss))
+        record["train_loss"].append(float(loss.detach()))
         if schedule is not None and step % args.log_every == 0:
             rows = layer_stats(model.attention_layers)
             record["sparsity"].append((step, [r["sparsity"] for r in rows], [r["kept_query_fraction"] for r in rows]))
