@@ -24,20 +24,32 @@ def _check_qkv(name: str, t) -> None:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
 
-def check_video_shape(video_shape, num_tokens: int) -> tuple[int, int, int]:
-    """(T, H, W) as a tuple of positive ints whose product is the sequence length."""
+def check_text_tokens(prefix_tokens, suffix_tokens) -> tuple[int, int]:
+    """The counts of non-video tokens before and after the video, as non-negative ints."""
+    for name, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int (non-video tokens, e.g. text), got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    return prefix_tokens, suffix_tokens
+
+
+def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+    """(T, H, W) as a tuple of positive ints whose product plus the non-video tokens is the sequence length."""
     if not isinstance(video_shape, (tuple, list, torch.Size)) or len(video_shape) != 3 or any(
             isinstance(n, bool) or not isinstance(n, int) for n in video_shape):
         raise TypeError(f"video_shape must be three ints (T, H, W), got {video_shape!r}")
     if any(n < 1 for n in video_shape):
         raise ValueError(f"video_shape must be three positive ints (T, H, W), got {tuple(video_shape)}")
-    if math.prod(video_shape) != num_tokens:
-        raise ValueError(f"video_shape {tuple(video_shape)} holds T*H*W = {math.prod(video_shape)} tokens, "
+    if math.prod(video_shape) + sum(text_tokens) != num_tokens:
+        extra = "" if text_tokens == (0, 0) else f" plus {text_tokens[0]} prefix and {text_tokens[1]} suffix tokens"
+        raise ValueError(f"video_shape {tuple(video_shape)} holds T*H*W = {math.prod(video_shape)} tokens{extra}, "
                          f"but q has S = {num_tokens}")
     return tuple(video_shape)
 
 
-def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod) -> tuple[int, int, int]:
+def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod,
+                 text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
     """Raise TypeError/ValueError naming the offending argument; return the video shape as a tuple."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_qkv(name, t)
@@ -71,4 +83,4 @@ def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod) -> 
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, "
                         f"got {type(score_mod).__name__}")
-    return check_video_shape(video_shape, S)
+    return check_video_shape(video_shape, S, text_tokens)

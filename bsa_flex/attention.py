@@ -12,7 +12,7 @@ import torch
 from masks import (KeptQueries, Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
                    select_kv_blocks, select_queries, tile_layout, to_tile_major)
 
-from ._checks import check_inputs
+from ._checks import check_inputs, check_text_tokens
 from .config import BSAConfig
 from .paths import BSAEagerWarning, attend_blockwise, attend_flex
 from .stats import BSAStats, collect_stats
@@ -43,11 +43,16 @@ def select_sparse(q, k, v, threshold: torch.Tensor, layout: TileLayout, config: 
     kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
     q_kept = gather_tokens(q, kept.kept_token)  # compact queries
     k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)
-    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs),
-                           pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_valid, scale)
+    video_rows = -(-layout.num_windows * config.keep_per_window // bs) * bs  # non-video query rows follow
+    probs = kv_block_probs(pool_blocks(q_kept[:, :, :video_rows], kept.kept_valid[..., :video_rows], bs),
+                           pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_video, scale)
     own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])
-    kv_blocks = select_kv_blocks(probs, own, layout.kv_block_valid, threshold, config.kv_rule,
+    kv_blocks = select_kv_blocks(probs, own, layout.kv_block_video, threshold, config.kv_rule,
                                  config.min_kv_blocks, config.max_kv_blocks)  # select KV blocks
+    if layout.text_slot_start < layout.num_slots:  # non-video keys for every query, every key for non-video queries
+        text_rows = q_kept.shape[2] // bs - probs.shape[-2]
+        kv_blocks = torch.cat([kv_blocks | layout.kv_block_text,
+                               layout.kv_block_valid.expand(*kv_blocks.shape[:2], text_rows, -1)], 2)
     return SparseOperands(q_kept, k_slots, v_slots, kept, kv_blocks)
 
 
@@ -107,9 +112,9 @@ _run_compiled.graphs = 0
 
 
 @torch.compiler.assume_constant_result
-def _layout(video_shape, tile, window, block_size: int, device: torch.device) -> TileLayout:
+def _layout(video_shape, tile, window, block_size: int, device: torch.device, prefix: int, suffix: int) -> TileLayout:
     """The cached tile layout; a constant to torch.compile, which must not trace its numpy code."""
-    return tile_layout(video_shape, tile, window, block_size, device)
+    return tile_layout(video_shape, tile, window, block_size, device, prefix, suffix)
 
 
 def _threshold_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -143,6 +148,7 @@ def _choose_attend(q, k, v) -> tuple[Callable, str]:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, config: BSAConfig | None = None,
               *, scale: float | None = None, enable_gqa: bool = False, score_mod: Callable | None = None,
+              prefix_tokens: int = 0, suffix_tokens: int = 0,
               return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
     """Bidirectional Sparse Attention over a video's tokens.
 
@@ -152,13 +158,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
 
     ``config=None`` is the default sparse :class:`BSAConfig`; ``BSAConfig.dense()`` is full
     attention. ``enable_gqa`` allows Hq to be a multiple of Hkv. ``score_mod`` is a
-    FlexAttention score_mod called with raster token positions (q_idx, kv_idx in 0..S-1).
+    FlexAttention score_mod called with sequence positions (q_idx, kv_idx in 0..S-1).
+
+    Joint attention: ``prefix_tokens`` / ``suffix_tokens`` non-video tokens (e.g. text) may come
+    before / after the video tokens, S == prefix + T*H*W + suffix. They are never tiled or pruned:
+    every one of them is a query over all keys, and every video query attends to all of them as
+    keys besides its selected video KV blocks (the KV rule ranks video blocks only).
 
     On CUDA, and on CPU without gradients, the operator runs as one compiled graph around
     FlexAttention; on CPU with gradients it runs the blockwise PyTorch path (eagerly).
     """
     config = BSAConfig() if config is None else config
-    video_shape = check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod)
+    text = check_text_tokens(prefix_tokens, suffix_tokens)
+    video_shape = check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod, text)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     attend, path = _choose_attend(q, k, v)
     if q.device.type == "cuda" and attend is attend_flex and config.block_size < 128 and _needs_grad(q, k, v):
@@ -166,17 +178,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
                          f"CUDA (torch {torch.__version__} finds no valid tile configuration): use block_size=128 "
                          f"for training; smaller blocks work for inference (no gradients)")
     if attend is attend_flex:
-        return _attend(q, k, v, video_shape, config, scale, score_mod, return_stats, attend, path)
+        return _attend(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
     if torch.compiler.is_compiling():
         warnings.warn("bsa_flex: on CPU with gradients the blockwise path runs eagerly: a graph break in the "
                       "compiled model (FlexAttention has no CPU backward)", BSAEagerWarning, stacklevel=2)
-    return _attend_eagerly(q, k, v, video_shape, config, scale, score_mod, return_stats, attend, path)
+    return _attend_eagerly(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
 
 
-def _attend(q, k, v, video_shape, config: BSAConfig, scale: float, score_mod, return_stats: bool,
-            attend: Callable, path: str):
+def _attend(q, k, v, video_shape, text: tuple[int, int], config: BSAConfig, scale: float, score_mod,
+            return_stats: bool, attend: Callable, path: str):
     """Layout, threshold, the operator (compiled unless already inside a compiled region), stats."""
-    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device)
+    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device, *text)
     args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
             scale, score_mod, attend)
     if attend is attend_blockwise or torch.compiler.is_compiling():

@@ -34,6 +34,7 @@ class AttentionInputs(NamedTuple):
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     video_shape: tuple[int, int, int]
     enable_gqa: bool
+    text_tokens: tuple[int, int] = (0, 0)  # non-video tokens before and after the video
 
 
 @st.composite
@@ -66,8 +67,12 @@ def configs(draw, block_sizes=(16, 32), max_tile_side: int = 4) -> BSAConfig:
 @st.composite
 def attention_inputs(draw, shapes=None, dtypes=(torch.float32,), head_dims=(16, 32, 64, 128),
                      max_batch: int = 2, max_kv_heads: int = 2, max_group: int = 3, device="cpu",
-                     requires_grad: bool = False) -> AttentionInputs:
-    """q, k, v (video-like or i.i.d. noise, GQA or not) for a drawn video shape."""
+                     requires_grad: bool = False, max_text_tokens: int = 0) -> AttentionInputs:
+    """q, k, v (video-like or i.i.d. noise, GQA or not) for a drawn video shape.
+
+    With ``max_text_tokens`` > 0, up to that many non-video tokens (i.i.d. noise, like text
+    embeddings) are drawn before and after the video; ``text_tokens`` says how many.
+    """
     video_shape = draw(shapes if shapes is not None else video_shapes())
     kv_heads = draw(st.integers(1, max_kv_heads))
     group = draw(st.integers(1, max_group))
@@ -79,8 +84,17 @@ def attention_inputs(draw, shapes=None, dtypes=(torch.float32,), head_dims=(16, 
     else:  # pure noise
         kwargs.update(noise=1.0, sharpness=1.0, frequency=0.0)
     qkv = video_qkv(draw(st.integers(1, max_batch)), kv_heads * group, kv_heads, video_shape,
-                    draw(st.sampled_from(head_dims)), **kwargs)
-    return AttentionInputs(qkv, video_shape, group > 1)
+                    draw(st.sampled_from(head_dims)), **{**kwargs, "requires_grad": False})
+    text = (draw(st.integers(0, max_text_tokens)), draw(st.integers(0, max_text_tokens)))
+    if text != (0, 0):
+        g = torch.Generator().manual_seed(kwargs["seed"] + 1)
+
+        def around(x):
+            before, after = (torch.randn(*x.shape[:2], n, x.shape[3], generator=g).to(x) for n in text)
+            return torch.cat([before, x, after], 2)
+        qkv = tuple(around(x) for x in qkv)
+    qkv = tuple(x.requires_grad_(requires_grad) for x in qkv)
+    return AttentionInputs(qkv, video_shape, group > 1, text)
 
 
 def tolerances(dtype: torch.dtype, device: torch.device) -> dict:
@@ -92,22 +106,20 @@ def tolerances(dtype: torch.dtype, device: torch.device) -> dict:
     return dict(atol=tol, rtol=tol)
 
 
-def _window_of_token(layout: TileLayout) -> torch.Tensor:
-    return layout.token_slot // layout.window_tokens
-
-
 def check_selection(selection: Selection, layout: TileLayout, config: BSAConfig) -> None:
     """Assert the invariants every BSA selection must satisfy (AssertionError says which)."""
     kept_token, kept_valid, fill_source, kv_blocks = selection
     B, H, Nq = kept_token.shape
     S, bs = layout.num_tokens, layout.block_size
-    window = _window_of_token(layout)
+    is_video = layout.token_slot < layout.num_video_slots  # [S]: False for prefix/suffix tokens
+    window = torch.where(is_video, layout.token_slot // layout.window_tokens, 0)  # a video token's window
     assert Nq % bs == 0 and kv_blocks.shape == (B, H, Nq // bs, layout.num_kv_blocks), "shapes"
 
     # Kept queries: distinct real tokens; per window min(keep, real tokens) of them incl. centre.
     counts = torch.zeros(B, H, layout.num_windows, dtype=torch.int64, device=kept_token.device)
-    counts.scatter_add_(2, window[kept_token] * kept_valid, kept_valid.long())
-    real = torch.bincount(window, minlength=layout.num_windows)
+    kept_video = kept_valid & is_video[kept_token]
+    counts.scatter_add_(2, window[kept_token] * kept_video, kept_video.long())
+    real = torch.bincount(window[is_video], minlength=layout.num_windows)
     assert torch.equal(counts, real.clamp_max(config.keep_per_window).expand_as(counts)), "kept counts per window"
     marks = torch.zeros(B, H, S + 1, dtype=torch.int64, device=kept_token.device)
     marks.scatter_add_(2, torch.where(kept_valid, kept_token, S), torch.ones_like(kept_token))
@@ -123,12 +135,17 @@ def check_selection(selection: Selection, layout: TileLayout, config: BSAConfig)
     token = torch.arange(S, device=kept_token.device)
     is_kept = marks[..., :S] == 1
     assert bool((source_token[is_kept] == token.expand(B, H, S)[is_kept]).all()), "a kept token does not take its own output"
-    assert bool((window[source_token] == window).all()), "a token copies from another window"
+    assert bool((window[source_token] == window)[..., is_video].all()), "a token copies from another window"
+    assert bool(marks[..., :S][..., ~is_video].eq(1).all()), "a non-video token was pruned"
 
     # KV blocks: never padding-only, never empty for a query block holding a real query.
     assert not bool((kv_blocks & ~layout.kv_block_valid).any()), "a padding-only KV block was selected"
     has_query = kept_valid.view(B, H, -1, bs).any(-1)
     assert bool(kv_blocks.any(-1)[has_query].all()), "a query block has no KV block"
+    # Non-video tokens: every query attends to all of them; their own queries attend to every key.
+    assert bool(kv_blocks[has_query][:, layout.kv_block_text].all()), "a query block skips a non-video KV block"
+    text_query = (kept_valid & ~is_video[kept_token]).view(B, H, -1, bs).any(-1)
+    assert bool((kv_blocks[text_query] == layout.kv_block_valid).all()), "a non-video query skips a KV block"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,6 +157,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None, *, scale=None,
                           enable_gqa: bool = False, score_mod: Callable | None = None,
+                          text_tokens: tuple[int, int] = (0, 0),
                           check_grads: bool = False, grad_tol: float | None = None) -> BSAStats:
     """Run ``bsa_flex.attention`` and assert it equals the float64 oracle on the same selection.
 
@@ -152,8 +170,9 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
     config = BSAConfig() if config is None else config
     leaves = [t.detach().clone().requires_grad_(check_grads) for t in (q, k, v)]
     out, stats = attention(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                           score_mod=score_mod, return_stats=True)
-    layout = tile_layout(tuple(video_shape), config.tile, config.window, config.block_size, q.device)
+                           score_mod=score_mod, prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1],
+                           return_stats=True)
+    layout = tile_layout(tuple(video_shape), config.tile, config.window, config.block_size, q.device, *text_tokens)
     check_selection(stats.selection, layout, config)
     ref_leaves = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]
     ref_out, ref_lse = reference_attention(*ref_leaves, stats.selection, layout,

@@ -134,3 +134,13 @@ def test_threshold_schedule_in_a_compiled_training_model_never_recompiles():
     assert graphs[1:] == graphs[:1] * 7
     rows = bsa_flex.layer_stats(layers)
     assert all(0.5 <= r["sparsity"] < 1.0 and r["kept_query_fraction"] == 0.5 for r in rows)
+
+
+def test_text_tokens_forward_and_backward_match_oracle():
+    """Joint attention on CUDA: 77 text tokens before and 20 after 2,048 video tokens (partial text blocks)."""
+    video = (8, 16, 16)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 77 + 2048 + 20, 64, generator=g, device=CUDA, dtype=torch.bfloat16) * 2
+               for _ in range(3))
+    stats = assert_matches_oracle(q, k, v, video, BSAConfig(kv_threshold=0.7), text_tokens=(77, 20), check_grads=True)
+    assert stats.path == "flex" and 0.0 < float(stats.sparsity) < 1.0

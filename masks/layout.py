@@ -7,6 +7,11 @@ order inside a tile, tokens in raster order inside a window. Videos whose sides 
 multiples of the tile are padded; the slot list is then padded once more to whole KV blocks.
 Padding slots carry no token (``slot_valid`` is False) and point at token 0 so that gathers
 stay in range; every consumer masks them.
+
+Joint attention: the sequence may hold ``prefix`` non-video tokens (e.g. text) before the video
+and ``suffix`` after it. They are never tiled or pruned: their slots follow the video's, in
+sequence order, padded to whole KV blocks, so that they form their own KV blocks (and query
+blocks). Token indices in ``slot_token``/``token_slot`` are positions in the whole sequence.
 """
 from __future__ import annotations
 
@@ -32,22 +37,27 @@ class TileLayout:
     tile: tuple[int, int, int]
     window: tuple[int, int, int]
     block_size: int
-    num_tokens: int  # S = T * H * W
+    num_prefix: int  # non-video tokens before the video
+    num_suffix: int  # non-video tokens after the video
+    num_tokens: int  # the whole sequence: num_prefix + T * H * W + num_suffix
     tile_tokens: int
     window_tokens: int
     windows_per_tile: int
     num_tiles: int
     num_windows: int
     num_video_slots: int  # slots of the tile-padded video, before padding to whole KV blocks
-    num_slots: int  # num_video_slots padded to whole KV blocks
+    text_slot_start: int  # num_video_slots padded to whole KV blocks: where the non-video slots begin
+    num_slots: int  # text_slot_start + the non-video tokens padded to whole KV blocks
     num_kv_blocks: int
-    slot_token: torch.Tensor  # [num_slots] int64: raster index of the token in each slot (0 for padding)
+    slot_token: torch.Tensor  # [num_slots] int64: sequence index of the token in each slot (0 for padding)
     slot_valid: torch.Tensor  # [num_slots] bool: the slot holds a real token
-    token_slot: torch.Tensor  # [S] int64: slot of each raster token
+    token_slot: torch.Tensor  # [num_tokens] int64: slot of each token of the sequence
     window_anchor: torch.Tensor  # [num_windows] int64: index inside the window of its centre token
     kv_block_valid_count: torch.Tensor  # [num_kv_blocks] int64: real tokens per KV block
     kv_block_valid: torch.Tensor  # [num_kv_blocks] bool: the block holds at least one real token
     kv_block_partial: torch.Tensor  # [num_kv_blocks] bool: real and padding slots mixed (element masking)
+    kv_block_video: torch.Tensor  # [num_kv_blocks] bool: a valid block of video tokens (what the KV rule ranks)
+    kv_block_text: torch.Tensor  # [num_kv_blocks] bool: a valid block of non-video tokens (always attended)
 
 
 def _slot_order(video_shape, tile, window):
@@ -71,18 +81,30 @@ def _window_anchors(valid_by_window: np.ndarray, window) -> np.ndarray:
     return nearest_first[first_valid]
 
 
+def _whole_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size) * block_size
+
+
 @functools.lru_cache(maxsize=64)
 def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
-                window: tuple[int, int, int], block_size: int, device: torch.device) -> TileLayout:
+                window: tuple[int, int, int], block_size: int, device: torch.device,
+                prefix: int = 0, suffix: int = 0) -> TileLayout:
     """Build (once per key) the tile-major layout; arguments are assumed validated by the caller."""
-    slot_token, slot_valid = _slot_order(video_shape, tile, window)
-    n_slots = -(-slot_token.shape[0] // block_size) * block_size
-    anchors = _window_anchors(slot_valid.reshape(-1, math.prod(window)), window)
-    slot_token = np.pad(slot_token, (0, n_slots - slot_token.shape[0]))
-    slot_valid = np.pad(slot_valid, (0, n_slots - slot_valid.shape[0]))
-    token_slot = np.empty(math.prod(video_shape), dtype=np.int64)
+    video_token, video_valid = _slot_order(video_shape, tile, window)
+    anchors = _window_anchors(video_valid.reshape(-1, math.prod(window)), window)
+    num_video = math.prod(video_shape)
+    text_start = _whole_blocks(video_token.shape[0], block_size)
+    text_token = np.concatenate([np.arange(prefix), prefix + num_video + np.arange(suffix)]).astype(np.int64)
+    text_slots = _whole_blocks(text_token.shape[0], block_size)
+    slot_token = np.concatenate([np.pad(np.where(video_valid, video_token + prefix, 0), (0, text_start - video_token.shape[0])),
+                                 np.pad(text_token, (0, text_slots - text_token.shape[0]))])
+    slot_valid = np.concatenate([np.pad(video_valid, (0, text_start - video_valid.shape[0])),
+                                 np.arange(text_slots) < text_token.shape[0]])
+    n_slots = slot_token.shape[0]
+    token_slot = np.empty(prefix + num_video + suffix, dtype=np.int64)
     token_slot[slot_token[slot_valid]] = np.flatnonzero(slot_valid)
     block_count = slot_valid.reshape(-1, block_size).sum(1)
+    is_text_block = np.arange(n_slots // block_size) >= text_start // block_size
 
     def as_tensor(a, dtype):
         return torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
@@ -91,13 +113,16 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
     num_tiles = math.prod(-(-n // t) for n, t in zip(video_shape, tile))
     return TileLayout(
         video_shape=tuple(video_shape), tile=tuple(tile), window=tuple(window), block_size=block_size,
-        num_tokens=math.prod(video_shape), tile_tokens=tile_tokens, window_tokens=window_tokens,
+        num_prefix=prefix, num_suffix=suffix, num_tokens=prefix + num_video + suffix,
+        tile_tokens=tile_tokens, window_tokens=window_tokens,
         windows_per_tile=tile_tokens // window_tokens, num_tiles=num_tiles,
         num_windows=num_tiles * tile_tokens // window_tokens, num_video_slots=num_tiles * tile_tokens,
-        num_slots=n_slots, num_kv_blocks=n_slots // block_size,
+        text_slot_start=text_start, num_slots=n_slots, num_kv_blocks=n_slots // block_size,
         slot_token=as_tensor(slot_token, torch.int64), slot_valid=as_tensor(slot_valid, torch.bool),
         token_slot=as_tensor(token_slot, torch.int64), window_anchor=as_tensor(anchors, torch.int64),
         kv_block_valid_count=as_tensor(block_count, torch.int64),
         kv_block_valid=as_tensor(block_count > 0, torch.bool),
         kv_block_partial=as_tensor((block_count > 0) & (block_count < block_size), torch.bool),
+        kv_block_video=as_tensor((block_count > 0) & ~is_text_block, torch.bool),
+        kv_block_text=as_tensor((block_count > 0) & is_text_block, torch.bool),
     )

@@ -18,9 +18,9 @@ FILL_POLICIES = ("most_similar", "anchor")
 class KeptQueries(NamedTuple):
     """The compact query set; its length is padded to whole query blocks of ``block_size``."""
 
-    kept_token: torch.Tensor  # [B, H, Nq] int64: raster token of each compact query (0 for padding rows)
+    kept_token: torch.Tensor  # [B, H, Nq] int64: sequence index of each compact query (0 for padding rows)
     kept_valid: torch.Tensor  # [B, H, Nq] bool: the compact row holds a real token
-    fill_source: torch.Tensor  # [B, H, S] int64: compact row whose output each raster token takes
+    fill_source: torch.Tensor  # [B, H, N] int64: compact row whose output each token of the sequence takes
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -103,6 +103,8 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     ``keep_per_window - 1`` real tokens least similar (cosine) to it; a stable sort makes ties
     resolve by position, so the choice is the same on every run. Kept queries are listed per
     window in slot order; the compact length is padded to a multiple of ``layout.block_size``.
+    Non-video tokens (``layout.num_prefix``/``num_suffix``) are all kept, as the query blocks
+    after the video's, in their slot order; each copies itself.
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
@@ -115,8 +117,15 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
 
     fill_rank = _fill_rank(unit_q, kept_local, kept_valid.view(B, H, n, k), layout, fill)
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
-    fill_source = fill_by_slot.index_select(2, layout.token_slot)
 
     pad = -(-n * k // layout.block_size) * layout.block_size - n * k
-    return KeptQueries(kept_token=F.pad(layout.slot_token[kept_slot], (0, pad)),
-                       kept_valid=F.pad(kept_valid, (0, pad)), fill_source=fill_source)
+    kept_token, kept_valid = F.pad(layout.slot_token[kept_slot], (0, pad)), F.pad(kept_valid, (0, pad))
+    if layout.text_slot_start < layout.num_slots:  # non-video tokens: kept rows after the video's
+        text_slots = torch.arange(layout.text_slot_start, layout.num_slots, device=q.device)
+        text_rows = kept_token.shape[-1] + text_slots - layout.text_slot_start
+        kept_token = torch.cat([kept_token, layout.slot_token[text_slots].expand(B, H, -1)], 2)
+        kept_valid = torch.cat([kept_valid, layout.slot_valid[text_slots].expand(B, H, -1)], 2)
+        gap = fill_by_slot.new_zeros(B, H, layout.text_slot_start - n * w)  # video padding slots: no token
+        fill_by_slot = torch.cat([fill_by_slot, gap, text_rows.expand(B, H, -1)], 2)
+    return KeptQueries(kept_token=kept_token, kept_valid=kept_valid,
+                       fill_source=fill_by_slot.index_select(2, layout.token_slot))
