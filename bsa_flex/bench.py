@@ -80,6 +80,31 @@ def peak_gib(fn: Callable, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+def layer_peak_gib(attend: Callable, heads: int, head_dim: int, video_shape, dtype, device) -> float | None:
+    """Peak GPU memory above the layer's input and weights during fwd+bwd of qkv projection + attention.
+
+    Unlike ``peak_gib`` on leaf q/k/v, here q, k and v are activations, as in a model: whatever
+    the attention does not save for its backward is freed, as it would be in a DiT block.
+    """
+    if device.type != "cuda":
+        return None
+    dim = heads * head_dim
+    proj = torch.nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
+    x = torch.randn(1, math.prod(video_shape), dim, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        q, k, v = proj(x).view(1, -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attend(q, k, v).sum().backward()
+
+    step()  # compile/warm up outside the measurement
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device) -> dict:
     """{"fwd": ms, "fwd_bwd": ms or None, "peak_gib": fwd+bwd peak or None}."""
     result = {"fwd": median_ms(forward, device), "fwd_bwd": None, "peak_gib": None}
@@ -192,6 +217,14 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, *, break
             if dense[mode] is not None:
                 row[f"speedup_vs_flex_dense_{mode}"] = dense[mode] / bsa[mode]
     if breakdown:
+        args = (setup.heads, setup.head_dim, video_shape, setup.dtype, device)
+        sdpa_backend = SDPA_BACKENDS[baselines["sdpa"]["backend"]]
+
+        def sdpa_attend(q, k, v):
+            with sdpa_kernel([sdpa_backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        row["layer_peak_gib"] = {"sdpa": layer_peak_gib(sdpa_attend, *args),
+                                 "bsa": layer_peak_gib(lambda q, k, v: attention(q, k, v, video_shape, config), *args)}
         stages = stage_breakdown(q, k, v, video_shape, config, grad_out if train else None, device)
         stages["rest_fwd_ms"] = bsa["fwd"] - stages["select_ms"] - stages["block_mask_ms"] - stages["kernel_fwd"]
         stages["outside_kernel_fwd"] = 1.0 - stages["kernel_fwd"] / bsa["fwd"]
@@ -222,8 +255,8 @@ def markdown(result: dict) -> str:
              f"config {result['setup']['config']}; times are medians in ms.", "",
              "| tokens | geometry | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd | Flex dense fwd / fwd+bwd "
              "| BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd | kernel alone fwd+bwd | outside kernel fwd+bwd "
-             "| kernel vs density-ideal | peak GiB SDPA / BSA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kernel vs density-ideal | peak GiB SDPA / BSA | in a layer: GiB SDPA / BSA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(x):
         return "-" if x is None else f"{x:.2f}"
@@ -239,7 +272,8 @@ def markdown(result: dict) -> str:
             f"{ms(b['fwd'])} / {ms(b['fwd_bwd'])} | {r.get('speedup_vs_sdpa_fwd', 0):.2f}x / "
             f"{'-' if 'speedup_vs_sdpa_fwd_bwd' not in r else format(r['speedup_vs_sdpa_fwd_bwd'], '.2f') + 'x'} | "
             f"{ms(stages.get('kernel_fwd_bwd'))} | {share(stages.get('outside_kernel_fwd_bwd'))} | "
-            f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} |")
+            f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} | "
+            f"{ms(r.get('layer_peak_gib', {}).get('sdpa'))} / {ms(r.get('layer_peak_gib', {}).get('bsa'))} |")
     lines += ["", *crossover_lines(result["rows"])]
     return "\n".join(lines) + "\n"
 
