@@ -105,3 +105,22 @@ def test_bad_text_token_counts_are_refused_naming_the_argument(kwargs, error, ma
     q = torch.randn(1, 2, 4 * 4 * 4, 16)
     with pytest.raises(error, match=match):
         bsa_flex.attention(q, q, q, (4, 4, 4), BSAConfig(block_size=16), **kwargs)
+
+
+@settings(max_examples=30)
+@given(attention_inputs(requires_grad=True, max_text_tokens=24), configs())
+def test_score_mod_sees_sequence_positions_with_text(inputs, config):
+    from .cases import relative_position_bias
+    assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                          text_tokens=inputs.text_tokens, score_mod=relative_position_bias, check_grads=True)
+
+
+@settings(max_examples=30)
+@given(st.integers(0, 2**31 - 1), TEXT, video_shapes(max_tokens=200), configs())
+def test_dense_config_with_text_equals_sdpa(seed, text, video_shape, config):
+    q, k, v = _inputs(seed, video_shape, text)
+    dense = BSAConfig.dense(tile=config.tile, window=config.window, block_size=config.block_size)
+    with torch.enable_grad():
+        out = bsa_flex.attention(*[t.clone().requires_grad_() for t in (q, k, v)], video_shape, dense,
+                                 enable_gqa=True, prefix_tokens=text[0], suffix_tokens=text[1])
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
