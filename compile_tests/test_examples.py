@@ -75,7 +75,8 @@ def test_clips_are_deterministic_per_seed_and_differ_across_seeds():
 
 
 @pytest.mark.parametrize("argv", [["--tiny", "--steps", "1"], ["--tiny", "--final-keep", "0"],
-                                  ["--tiny", "--warmup", "0.8", "--ramp", "0.5"]])
+                                  ["--tiny", "--warmup", "0.8", "--ramp", "0.5"],
+                                  ["--tiny", "--latent", "4", "15", "16"]])
 def test_bad_arguments_exit_with_a_usage_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)

@@ -392,6 +392,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="training steps per arm (default: preset)")
     parser.add_argument("--layers", type=int, help="DiT depth (default: preset)")
     parser.add_argument("--width", type=int, help="DiT width (default: preset)")
+    parser.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"),
+                        help="latent clip size; 1x2x2 patches make (T, H/2, W/2) tokens (default: preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--final-keep", type=float, default=0.5, help="BSA arm: final query keep ratio")
     parser.add_argument("--final-threshold", type=float, default=0.9, help="BSA arm: final KV threshold p")
@@ -412,6 +414,8 @@ def parse_args(argv=None):
     args.latent, args.patch = tuple(args.latent), tuple(args.patch)
     if args.steps < 2 or args.layers < 1 or args.width % args.heads:
         parser.error("--steps must be >= 2, --layers >= 1, and --width divisible by the head count")
+    if any(n < p or n % p for n, p in zip(args.latent, args.patch)):
+        parser.error(f"--latent sizes must be positive multiples of the patch {args.patch}, got {args.latent}")
     if not (0 < args.final_keep <= 1 and 0 < args.final_threshold <= 1):
         parser.error("--final-keep and --final-threshold must lie in (0, 1]")
     if args.warmup < 0 or args.ramp < 0 or args.warmup + args.ramp > 1:
