@@ -96,7 +96,8 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
     text_start = _whole_blocks(video_token.shape[0], block_size)
     text_token = np.concatenate([np.arange(prefix), prefix + num_video + np.arange(suffix)]).astype(np.int64)
     text_slots = _whole_blocks(text_token.shape[0], block_size)
-    slot_token = np.concatenate([np.pad(np.where(video_valid, video_token + prefix, 0), (0, text_start - video_token.shape[0])),
+    video_slot_token = np.where(video_valid, video_token + prefix, 0)
+    slot_token = np.concatenate([np.pad(video_slot_token, (0, text_start - video_token.shape[0])),
                                  np.pad(text_token, (0, text_slots - text_token.shape[0]))])
     slot_valid = np.concatenate([np.pad(video_valid, (0, text_start - video_valid.shape[0])),
                                  np.arange(text_slots) < text_token.shape[0]])
