@@ -84,6 +84,19 @@ def test_fresh_data_and_thresholds_do_not_recompile_forward_and_backward():
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_forward_and_backward_make_no_host_sync():
+    """After the first (compiling) call, a training step never waits on the GPU from the host."""
+    case = CASES["bf16_gqa"]
+    q, k, v = (t.requires_grad_() for t in case.inputs(8, device=CUDA))
+    bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_same_input_twice_gives_identical_output_and_selection():
     case = CASES["fp16_padded_zscore_anchor"]
     q, k, v = case.inputs(6, device=CUDA)
