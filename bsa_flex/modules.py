@@ -188,7 +188,7 @@ class BSAttention(nn.Module):
         v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, k, video_shape)
-        return q, k, v
+        return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast may run the norms in float32
 
     def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
         out = self.sparsity.attend(*self.project(x, video_shape), video_shape)

@@ -81,3 +81,12 @@ def test_bad_arguments_exit_with_a_usage_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)
     assert exit_info.value.code == 2
+
+
+def test_replot_draws_the_pictures_again_from_a_finished_run(tiny_run):
+    pytest.importorskip("matplotlib")
+    _, out = tiny_run
+    for name in ("loss.png", "samples.png"):
+        (out / name).unlink(missing_ok=True)
+    assert train.main(["--tiny", "--replot", "--out", str(out)]) is None
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000

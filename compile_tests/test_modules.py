@@ -77,6 +77,22 @@ def test_threshold_is_one_float32_tensor_updated_in_place_even_after_a_dtype_cas
     assert layer.config.kv_threshold is tensor and float(tensor) == 0.8125
 
 
+class _UpcastingNorm(torch.nn.Module):
+    """What CUDA autocast does to a norm: the result comes back in float32."""
+
+    def forward(self, x):
+        return x.float()
+
+
+def test_norms_that_upcast_still_give_one_dtype_to_the_attention():
+    layer = _layer().to(torch.bfloat16)
+    layer.q_norm, layer.k_norm = _UpcastingNorm(), _UpcastingNorm()
+    q, k, v = layer.project(_tokens().to(torch.bfloat16), VIDEO)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert layer(_tokens().to(torch.bfloat16), VIDEO).dtype == torch.bfloat16
+
+
 def test_dense_layers_report_no_sparsity_and_sparse_layers_report_their_call():
     layers = [_layer(), _layer()]
     layers[0].set_sparsity(LayerSparsity(True, 1.0, 1.0))

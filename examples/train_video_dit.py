@@ -330,6 +330,7 @@ def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> s
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no sample grid written"
+    frames = min(frames, next(iter(rows.values())).shape[2])
     fig, axes = plt.subplots(len(rows), frames, figsize=(1.6 * frames, 1.7 * len(rows)), squeeze=False)
     for r, (name, clip) in enumerate(rows.items()):
         video = clip[0, :3].float().cpu()
@@ -347,6 +348,22 @@ def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def draw_plots(out: str, records: list[dict], samples: dict) -> list[str]:
+    """loss.png and samples.png under ``out``; returns the notes of plots that could not be drawn."""
+    notes = [plot_losses(records, os.path.join(out, "loss.png")),
+             plot_samples(samples, os.path.join(out, "samples.png"))]
+    return [n for n in notes if n]
+
+
+def replot(out: str) -> None:
+    """Draw the PNGs again from a finished run's summary.json and samples.pt (e.g. where matplotlib was missing)."""
+    with open(os.path.join(out, "summary.json")) as f:
+        curves = json.load(f)["curves"]
+    records = [{"arm": arm, **curve} for arm, curve in curves.items()]
+    for note in draw_plots(out, records, torch.load(os.path.join(out, "samples.pt"))):
+        print(note)
 
 
 def environment(device) -> dict:
@@ -406,6 +423,8 @@ def parse_args(argv=None):
                              "graph itself; whole-model graphs cost one compile per kept count and grad mode)")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/train_video_dit[_tiny])")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    parser.add_argument("--replot", action="store_true",
+                        help="only draw loss.png and samples.png again from a finished run in --out")
     args = parser.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "gpu"]
     for name, value in dataclasses.asdict(preset).items():
@@ -433,8 +452,10 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.out)
     # one whole-model graph per (kept count or dense) x (train or eval): above dynamo's default limit of 8
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     with warnings.catch_warnings(record=True) as caught:
@@ -470,8 +491,8 @@ def run(args) -> dict:
     noise, _ = step_noise(30_000_000, val_clips[:1].shape, device, salt=5)
     samples = {"data": val_clips[:1], "full": sample(full_model, noise, 20, dtype),
                "bsa": sample(bsa_model, noise, 20, dtype)}
-    notes = [plot_losses([full, sparse], os.path.join(args.out, "loss.png")),
-             plot_samples(samples, os.path.join(args.out, "samples.png"))]
+    torch.save({name: clip.cpu() for name, clip in samples.items()}, os.path.join(args.out, "samples.pt"))
+    notes = draw_plots(args.out, [full, sparse], samples)
 
     final_full, final_bsa = full["val"][-1][1], sparse["val"][-1][1]
     summary = {
@@ -490,7 +511,7 @@ def run(args) -> dict:
         "training_free": sweep,
         "curves": {r["arm"]: {"train_loss": r["train_loss"], "val": r["val"], "sparsity": r["sparsity"]}
                    for r in (full, sparse)},
-        "notes": [n for n in notes if n],
+        "notes": notes,
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
