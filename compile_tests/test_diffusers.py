@@ -134,3 +134,19 @@ def test_misuse_is_refused():
     remove_bsa(model)
     with pytest.raises(ValueError, match="not applied"):
         remove_bsa(model)
+
+
+@torch.no_grad()
+def test_norms_that_upcast_still_give_one_dtype_to_the_attention():
+    """CUDA autocast may return the q/k norms in float32 while v stays bfloat16."""
+    class Upcast(torch.nn.Module):
+        def forward(self, x):
+            return x.float()
+
+    model = _model().to(torch.bfloat16)
+    for block in model.blocks:
+        block.attn1.norm_q, block.attn1.norm_k = Upcast(), Upcast()
+    apply_bsa(model, SPARSE)
+    inputs = {key: value.to(torch.bfloat16) if key != "timestep" and torch.is_tensor(value) else value
+              for key, value in _inputs().items()}
+    assert torch.isfinite(model(**inputs)[0].float()).all()

@@ -77,6 +77,7 @@ class BSAWanAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # [B, S, H, D]
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        query, key = query.to(value.dtype), key.to(value.dtype)  # CUDA autocast may run the norms in float32
         self.control.to(query.device)
         out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.shape.video_shape)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
