@@ -19,7 +19,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from ._checks import check_video_shape
+from ._checks import check_text_tokens, check_video_shape
 from .attention import attention
 from .config import BSAConfig
 from .stats import BSAStats
@@ -50,17 +50,19 @@ def heads_to_sequence(x: torch.Tensor, world: int, group) -> torch.Tensor:
     return rearrange(received, "p b h s d -> b (p h) s d")
 
 
-def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shape, world: int) -> tuple:
+def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shape, world: int,
+                         text_tokens: tuple[int, int] = (0, 0)) -> tuple:
     """Raise a ValueError that says what to change when the heads or the sequence do not split."""
     if isinstance(video_shape, (tuple, list)) and all(isinstance(n, int) and n > 0 for n in video_shape):
-        S = math.prod(video_shape)
+        S = math.prod(video_shape) + sum(text_tokens)
         if S % world:
-            raise ValueError(f"the sequence of {S} tokens (video_shape {tuple(video_shape)}) does not split evenly "
-                             f"over {world} ranks: use a number of ranks that divides {S}, or pad the video")
+            raise ValueError(f"the sequence of {S} tokens (video_shape {tuple(video_shape)}, text {text_tokens}) "
+                             f"does not split evenly over {world} ranks: use a number of ranks that divides {S}, "
+                             f"or pad the sequence")
         if shard_len * world != S:
-            raise ValueError(f"each rank must hold S/P = {S}/{world} = {S // world} tokens (a contiguous raster "
-                             f"shard), got {shard_len}")
-    video_shape = check_video_shape(video_shape, shard_len * world)
+            raise ValueError(f"each rank must hold S/P = {S}/{world} = {S // world} tokens (a contiguous "
+                             f"shard of the sequence), got {shard_len}")
+    video_shape = check_video_shape(video_shape, shard_len * world, text_tokens)
     for name, heads in (("q", q_heads), ("k and v", kv_heads)):
         if heads % world:
             raise ValueError(f"{name} have {heads} heads, which do not split over {world} ranks: use a number of "
@@ -70,14 +72,16 @@ def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shap
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape,
                       config: BSAConfig | None = None, *, group=None, scale: float | None = None,
-                      enable_gqa: bool = False, score_mod: Callable | None = None,
-                      return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
+                      enable_gqa: bool = False, score_mod: Callable | None = None, prefix_tokens: int = 0,
+                      suffix_tokens: int = 0, return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
     """BSA over a sequence sharded across the ranks of ``group`` (default: the world).
 
     q: [B, Hq, S/P, D], k and v: [B, Hkv, S/P, D] on each rank: rank r holds raster tokens
     r*S/P .. (r+1)*S/P - 1 of the video ``video_shape`` (T, H, W). Hq and Hkv must divide by P.
     Returns this rank's output shard [B, Hq, S/P, D]; with ``return_stats``, also the stats of
     this rank's heads (heads r*Hq/P .. (r+1)*Hq/P - 1). A score_mod sees local head indices.
+    ``prefix_tokens``/``suffix_tokens``: non-video tokens around the video in the sharded
+    sequence, as in :func:`bsa_flex.attention` (S counts them too).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ulysses_attention needs torch.distributed initialised (dist.init_process_group)")
@@ -86,10 +90,12 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, S/P, D] tensor shard")
-    video_shape = check_ulysses_shapes(q.shape[1], k.shape[1], q.shape[2], video_shape, world)
+    text = check_text_tokens(prefix_tokens, suffix_tokens)
+    video_shape = check_ulysses_shapes(q.shape[1], k.shape[1], q.shape[2], video_shape, world, text)
     q_heads, k_heads, v_heads = (sequence_to_heads(t, world, group) for t in (q, k, v))
     result = attention(q_heads, k_heads, v_heads, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                       score_mod=score_mod, return_stats=return_stats)
+                       score_mod=score_mod, prefix_tokens=text[0], suffix_tokens=text[1],
+                       return_stats=return_stats)
     out, stats = result if return_stats else (result, None)
     out = heads_to_sequence(out, world, group)
     return (out, stats) if return_stats else out

@@ -23,20 +23,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, compiled: bool = False):
+def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, compiled: bool, text: tuple):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a bounded collective timeout: a hung rank fails the test instead of stalling CI
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
-        q, k, v = video_qkv(2, 4, 2 if gqa else 4, VIDEO, 16, seed=0, requires_grad=with_grad)
+        q, k, v = video_qkv(2, 4, 2 if gqa else 4, VIDEO, 16, seed=0)
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.cat([torch.randn(*t.shape[:2], text[0], 16, generator=g), t,
+                              torch.randn(*t.shape[:2], text[1], 16, generator=g)], 2).requires_grad_(with_grad)
+                   for t in (q, k, v))
         shard = slice(rank * q.shape[2] // world, (rank + 1) * q.shape[2] // world)
         local = [t.detach()[:, :, shard].clone().requires_grad_(with_grad) for t in (q, k, v)]
-        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa)  # noqa: E731
+        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa,  # noqa: E731
+                                                prefix_tokens=text[0], suffix_tokens=text[1])
         if compiled:  # the all-to-alls are functional collectives: one graph with the operator
             run = torch.compile(run, fullgraph=True, dynamic=False)
         with torch.set_grad_enabled(with_grad):
             out = run(*local)
-            ref = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa)
+            ref = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa, prefix_tokens=text[0],
+                                     suffix_tokens=text[1])
         torch.testing.assert_close(out, ref[:, :, shard], atol=1e-5, rtol=1e-5)
         if with_grad:
             grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
@@ -48,23 +54,25 @@ def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, com
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("with_grad,gqa,compiled", [(True, False, False), (True, True, False), (False, False, False),
-                                                     (False, False, True)],
-                         ids=["grads", "grads_gqa", "forward", "forward_fullgraph_compiled"])
-def test_two_gloo_ranks_equal_single_process_bsa(with_grad, gqa, compiled):
-    mp.start_processes(_rank_main, args=(2, _free_port(), with_grad, gqa, compiled), nprocs=2, join=True,
+@pytest.mark.parametrize("with_grad,gqa,compiled,text", [
+    (True, False, False, (0, 0)), (True, True, False, (0, 0)), (False, False, False, (0, 0)),
+    (False, False, True, (0, 0)), (True, True, False, (5, 11))],
+    ids=["grads", "grads_gqa", "forward", "forward_fullgraph_compiled", "grads_gqa_text_tokens"])
+def test_two_gloo_ranks_equal_single_process_bsa(with_grad, gqa, compiled, text):
+    mp.start_processes(_rank_main, args=(2, _free_port(), with_grad, gqa, compiled, text), nprocs=2, join=True,
                        start_method="spawn")
 
 
-@pytest.mark.parametrize("q_heads,kv_heads,shard,video,match", [
-    (4, 4, 52, (3, 5, 7), "does not split evenly"),
-    (4, 4, 90, (4, 6, 8), "each rank must hold"),
-    (3, 3, 96, (4, 6, 8), "q have 3 heads"),
-    (4, 1, 96, (4, 6, 8), "k and v have 1 heads"),
+@pytest.mark.parametrize("q_heads,kv_heads,shard,video,text,match", [
+    (4, 4, 52, (3, 5, 7), (0, 0), "does not split evenly"),
+    (4, 4, 90, (4, 6, 8), (0, 0), "each rank must hold"),
+    (4, 4, 97, (4, 6, 8), (3, 0), "does not split evenly"),  # 192 video + 3 text tokens
+    (3, 3, 96, (4, 6, 8), (0, 0), "q have 3 heads"),
+    (4, 1, 96, (4, 6, 8), (0, 0), "k and v have 1 heads"),
 ])
-def test_shapes_that_do_not_split_get_a_clear_error(q_heads, kv_heads, shard, video, match):
+def test_shapes_that_do_not_split_get_a_clear_error(q_heads, kv_heads, shard, video, text, match):
     with pytest.raises(ValueError, match=match):
-        check_ulysses_shapes(q_heads, kv_heads, shard, video, 2)
+        check_ulysses_shapes(q_heads, kv_heads, shard, video, 2, text)
 
 
 def test_ulysses_without_an_initialised_process_group_says_so():
