@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from masks import (KeptQueries, Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
-                   select_kv_blocks, select_queries, tile_layout, to_tile_major)
+                   select_kv_blocks, select_queries, tile_layout, to_tile_major, video_query_rows)
 
 from ._checks import check_inputs, check_text_tokens
 from .config import BSAConfig
@@ -43,7 +43,7 @@ def select_sparse(q, k, v, threshold: torch.Tensor, layout: TileLayout, config: 
     kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
     q_kept = gather_tokens(q, kept.kept_token)  # compact queries
     k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)
-    video_rows = -(-layout.num_windows * config.keep_per_window // bs) * bs  # non-video query rows follow
+    video_rows = video_query_rows(layout, config.keep_per_window)  # non-video query rows follow
     probs = kv_block_probs(pool_blocks(q_kept[:, :, :video_rows], kept.kept_valid[..., :video_rows], bs),
                            pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_video, scale)
     own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])

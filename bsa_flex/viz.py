@@ -6,11 +6,18 @@ not; the ``plot_*`` functions write a PNG and return its path.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
 
 from masks import Selection
+
+from .attention import attention
+from .config import BSAConfig
+from .modules import BSAttention, layer_stats, rope_3d
+from .schedule import SparsitySchedule
+from .synthetic import video_qkv
 
 __all__ = ["kept_query_map", "plot_kept_queries", "plot_kv_blocks", "plot_sparsity_per_layer"]
 
@@ -119,14 +126,6 @@ def render_figures(out: str, video_shape=(8, 32, 32), config=None, *, heads: int
     per layer of a stack of random ``BSAttention`` layers (the first dense, the KV threshold
     rising with depth) run on video-like tokens.
     """
-    import os
-
-    from .attention import attention
-    from .config import BSAConfig
-    from .modules import BSAttention, layer_stats, rope_3d
-    from .schedule import SparsitySchedule
-    from .synthetic import video_qkv
-
     config = BSAConfig() if config is None else config
     os.makedirs(out, exist_ok=True)
     q, k, v = video_qkv(1, heads, heads, video_shape, head_dim, seed=seed, sharpness=2.0, noise=0.1)
@@ -141,7 +140,7 @@ def render_figures(out: str, video_shape=(8, 32, 32), config=None, *, heads: int
                                 layer_overrides={i: {"final_kv_threshold": min(1.0, 0.8 + 0.04 * i)}
                                                  for i in range(layers)})
     schedule.apply(stack, step=0)
-    x = rearrange_tokens(q)
+    x = _tokens_from_heads(q)
     with torch.no_grad():
         for layer in stack:
             x = x + layer(x, video_shape)
@@ -149,7 +148,7 @@ def render_figures(out: str, video_shape=(8, 32, 32), config=None, *, heads: int
     return paths
 
 
-def rearrange_tokens(q: torch.Tensor) -> torch.Tensor:
+def _tokens_from_heads(q: torch.Tensor) -> torch.Tensor:
     """Video-like tokens [B, S, H*D] from video-like per-head features [B, H, S, D]."""
     B, H, S, D = q.shape
     return q.transpose(1, 2).reshape(B, S, H * D) / math.sqrt(H)

@@ -63,24 +63,15 @@ def test_mismatched_devices():
         call(q, k.to("meta"), v)
 
 
-def test_mismatched_head_dims():
-    q, _, _ = qkv()
-    _, k, v = qkv(D=32)
-    with pytest.raises(ValueError, match="head dim"):
-        call(q, k, v)
-
-
-def test_mismatched_sequence_lengths():
-    q, _, _ = qkv()
-    _, k, v = qkv(S=12)
-    with pytest.raises(ValueError, match="S = 24"):
-        call(q, k, v)
-
-
-def test_mismatched_batch():
-    q, _, _ = qkv(B=2)
-    _, k, v = qkv(B=1)
-    with pytest.raises(ValueError, match="batch size"):
+@pytest.mark.parametrize("q_shape, kv_shape, message", [
+    ({}, {"D": 32}, "head dim"),
+    ({}, {"S": 12}, "S = 24"),
+    ({"B": 2}, {"B": 1}, "batch size"),
+], ids=["head_dims", "sequence_lengths", "batch"])
+def test_k_and_v_that_do_not_match_q_are_refused_naming_the_dimension(q_shape, kv_shape, message):
+    q, _, _ = qkv(**q_shape)
+    _, k, v = qkv(**kv_shape)
+    with pytest.raises(ValueError, match=message):
         call(q, k, v)
 
 

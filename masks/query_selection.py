@@ -10,7 +10,7 @@ from einops import rearrange
 
 from .layout import TileLayout
 
-__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "gather_tokens", "to_tile_major"]
+__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major"]
 
 FILL_POLICIES = ("most_similar", "anchor")
 
@@ -96,6 +96,11 @@ def _fill_rank(unit_q: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch
     return preference.masked_fill(is_self, float("inf")).argmax(-1)
 
 
+def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
+    """Compact rows of the video's kept queries: windows x kept per window, padded to whole query blocks."""
+    return -(-layout.num_windows * keep_per_window // layout.block_size) * layout.block_size
+
+
 def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fill: str) -> KeptQueries:
     """Select the kept queries of every window and the fill source of every token.
 
@@ -118,7 +123,7 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     fill_rank = _fill_rank(unit_q, kept_local, kept_valid.view(B, H, n, k), layout, fill)
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
 
-    pad = -(-n * k // layout.block_size) * layout.block_size - n * k
+    pad = video_query_rows(layout, k) - n * k
     kept_token, kept_valid = F.pad(layout.slot_token[kept_slot], (0, pad)), F.pad(kept_valid, (0, pad))
     if layout.text_slot_start < layout.num_slots:  # non-video tokens: kept rows after the video's
         text_slots = torch.arange(layout.text_slot_start, layout.num_slots, device=q.device)
