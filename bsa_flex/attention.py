@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import warnings
 from typing import Callable, NamedTuple
@@ -72,12 +71,15 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, confi
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
 
 
+# Each shape, grad mode and kept count is one graph of the same function; dynamo's default budget
+# (8 per function) would turn the 9th into a hard error under fullgraph, e.g. in a test suite or
+# a schedule with many kept counts. The budget is raised around our own calls only.
+_RECOMPILE_LIMIT = 64
+
+
 def _compile(fn):
-    """fullgraph, static shapes; a per-region recompile budget where this torch has one."""
-    options = dict(fullgraph=True, dynamic=False)
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:
-        options["recompile_limit"] = 64
-    return torch.compile(fn, **options)
+    """fullgraph, static shapes: a graph break or a dynamic shape would hide a slow path."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 _compiled_sparse_attention = _compile(sparse_attention)
@@ -91,7 +93,8 @@ def _graphs_compiled() -> int:
 def _run_compiled(q, k, v, *args):
     """Run the compiled operator and say so whenever that compiled a new graph."""
     before = _graphs_compiled()
-    result = _compiled_sparse_attention(q, k, v, *args)
+    with torch._dynamo.config.patch(recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+        result = _compiled_sparse_attention(q, k, v, *args)
     if _graphs_compiled() > before:
         _run_compiled.graphs += 1
         signature = (f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "

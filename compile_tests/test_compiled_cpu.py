@@ -117,6 +117,16 @@ def test_a_recompile_is_announced_with_a_warning():
         bsa_flex.attention(q, k, v, (2, 3, 11), case.config)
 
 
+def test_more_graphs_than_dynamos_recompile_limit_compile_without_error():
+    """Many shapes or kept counts are legitimate; dynamo's own budget must not turn them into errors."""
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", BSARecompileWarning)
+        for width in (13, 14, 15):  # shapes no other test uses: three new graphs past a limit of 1
+            q, k, v = video_qkv(1, 2, 2, (2, 3, width), 16, seed=width)
+            bsa_flex.attention(q, k, v, (2, 3, width), BSAConfig(tile=(1, 3, 4), window=(1, 1, 2), block_size=16))
+        assert torch._dynamo.config.recompile_limit == 1  # the user's setting is left as it was
+
+
 def test_model_compiled_around_attention_runs_as_one_graph_and_does_not_recompile():
     """A user compiles their whole block; a schedule updates the threshold tensor in place."""
     case = CASES["zscore_tiles"]

@@ -2,9 +2,12 @@
 
     python examples/train_video_dit.py            # GPU: 16x32x32 = 16,384 tokens per clip
     python examples/train_video_dit.py --tiny     # CPU smoke run, under a minute
+    CUDA_VISIBLE_DEVICES=0 python examples/train_video_dit.py --arm full &   # or the arms on two GPUs
+    CUDA_VISIBLE_DEVICES=1 python examples/train_video_dit.py --arm bsa; wait
+    python examples/train_video_dit.py --summarize                          # summary of both arms
 
 Both arms share the seed, the initial weights, the data stream and the noise; the BSA arm runs a
-SparsitySchedule (dense warm-up, then a ramp to its final keep ratio and KV threshold). The data
+SparsitySchedule (dense warm-up, then its final keep ratio and a ramp of the KV threshold). The data
 are deterministic synthetic "latent" clips: textured shapes that move, deform and rotate over a
 panning textured background, so that denoising a frame profits from other frames far away.
 Training is rectified flow (flow matching). After training: validation losses, a training-free
@@ -357,23 +360,15 @@ def draw_plots(out: str, records: list[dict], samples: dict) -> list[str]:
     return [n for n in notes if n]
 
 
-def replot(out: str) -> None:
-    """Draw the PNGs again from a finished run's summary.json and samples.pt (e.g. where matplotlib was missing)."""
-    with open(os.path.join(out, "summary.json")) as f:
-        curves = json.load(f)["curves"]
-    records = [{"arm": arm, **curve} for arm, curve in curves.items()]
-    for note in draw_plots(out, records, torch.load(os.path.join(out, "samples.pt"))):
-        print(note)
-
-
 def environment(device) -> dict:
     info = {"torch": torch.__version__, "device": str(device),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if device.type == "cuda":
         import triton
-        info.update(card=torch.cuda.get_device_name(device), triton=triton.__version__)
+        info.update(card=torch.cuda.get_device_name(device), triton=triton.__version__,
+                    device_id=str(getattr(torch.cuda.get_device_properties(device), "uuid", device)))
     else:
-        info["card"] = "CPU"
+        info.update(card="CPU", device_id="cpu")
     return info
 
 
@@ -423,8 +418,11 @@ def parse_args(argv=None):
                              "graph itself; whole-model graphs cost one compile per kept count and grad mode)")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/train_video_dit[_tiny])")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
-    parser.add_argument("--replot", action="store_true",
-                        help="only draw loss.png and samples.png again from a finished run in --out")
+    parser.add_argument("--arm", choices=["both", "full", "bsa"], default="both",
+                        help="train one arm only (e.g. each on its own GPU, into the same --out); "
+                             "the summary is written once both arms' files are there")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only write summary.json and the PNGs from the arm files in --out")
     args = parser.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "gpu"]
     for name, value in dataclasses.asdict(preset).items():
@@ -454,8 +452,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if args.replot:
-        return replot(args.out)
+    if args.summarize:
+        return summarize(args.out)
     # one whole-model graph per (kept count or dense) x (train or eval): above dynamo's default limit of 8
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     with warnings.catch_warnings(record=True) as caught:
@@ -470,61 +468,111 @@ def main(argv=None) -> dict | None:
     return summary
 
 
-def run(args) -> dict:
-    """Both arms, the training-free sweep, samples, plots and the JSON summary."""
+def save_json(path: str, record: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def setup_record(args) -> dict:
+    """What both arms must share for their comparison to mean anything."""
+    return {"tokens_per_clip": math.prod(n // p for n, p in zip(args.latent, args.patch)),
+            "latent": args.latent, "patch": args.patch, "width": args.width, "layers": args.layers,
+            "heads": args.heads, "batch": args.batch, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+            "compile": args.compile}
+
+
+def run_arm(name: str, args) -> dict:
+    """Train one arm, sample from it (and sweep BSA training-free on the full arm); write arm_<name>.json."""
     device = args.device
-    os.makedirs(args.out, exist_ok=True)
-    val_clips = make_clips([900_000 + i for i in range(4)], *args.latent, args.channels, device)
-    bsa = BSAConfig(query_keep_ratio=args.final_keep, kv_threshold=args.final_threshold,
-                    block_size=args.block_size, max_kv_blocks=args.max_kv_blocks)
-    schedule = SparsitySchedule(final_keep_ratio=args.final_keep, final_kv_threshold=args.final_threshold,
-                                dense_steps=int(args.warmup * args.steps), ramp_steps=int(args.ramp * args.steps),
-                                every=max(1, int(args.ramp * args.steps) // 3),  # 4 stairs: 4 kept counts
-                                # each kept count compiles once: the CPU smoke run ramps the threshold only
-                                start_keep_ratio=args.final_keep if args.tiny else 1.0)
-    full, full_model = train_arm("full", args, None, None, val_clips, device)
-    sparse, bsa_model = train_arm("bsa", args, bsa, schedule, val_clips, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    val_clips = make_clips([900_000 + i for i in range(4)], *args.latent, args.channels, device)
+    bsa = schedule = None
+    if name == "bsa":
+        bsa = BSAConfig(query_keep_ratio=args.final_keep, kv_threshold=args.final_threshold,
+                        block_size=args.block_size, max_kv_blocks=args.max_kv_blocks)
+        # The threshold ramps in stairs at no cost (a tensor updated in place); each keep ratio
+        # compiles one graph per grad mode (about 1.5 min per pair on an H200), so the keep
+        # ratio goes to its final value in one step when the warm-up ends.
+        ramp_steps = int(args.ramp * args.steps)
+        schedule = SparsitySchedule(final_keep_ratio=args.final_keep, final_kv_threshold=args.final_threshold,
+                                    dense_steps=int(args.warmup * args.steps), ramp_steps=ramp_steps,
+                                    every=max(1, ramp_steps // 10), start_keep_ratio=args.final_keep)
+    record, model = train_arm(name, args, bsa, schedule, val_clips, device)
+    record.update(environment=environment(device), setup=setup_record(args),
+                  bsa=repr(bsa), schedule=repr(schedule))
+    if name == "full":
+        record["training_free"] = training_free_sweep(model, val_clips[:1], args.block_size, dtype,
+                                                      keeps=(1.0, 0.5) if args.tiny else (1.0, 0.75, 0.5))
+    noise, _ = step_noise(30_000_000, val_clips.shape, device, salt=5)  # the validation batch: no new graph
+    torch.save({"data": val_clips[:1].cpu(), name: sample(model, noise, 20, dtype)[:1].cpu()},
+               os.path.join(args.out, f"samples_{name}.pt"))
+    save_json(os.path.join(args.out, f"arm_{name}.json"), record)
+    return record
 
-    sweep = training_free_sweep(full_model, val_clips[:1], args.block_size, dtype,
-                                keeps=(1.0, 0.5) if args.tiny else (1.0, 0.75, 0.5))
-    noise, _ = step_noise(30_000_000, val_clips[:1].shape, device, salt=5)
-    samples = {"data": val_clips[:1], "full": sample(full_model, noise, 20, dtype),
-               "bsa": sample(bsa_model, noise, 20, dtype)}
-    torch.save({name: clip.cpu() for name, clip in samples.items()}, os.path.join(args.out, "samples.pt"))
-    notes = draw_plots(args.out, [full, sparse], samples)
 
+def summarize(out: str) -> dict:
+    """summary.json, loss.png and samples.png from the two arms' files under ``out``; prints the table."""
+    records = {}
+    for arm in ("full", "bsa"):
+        path = os.path.join(out, f"arm_{arm}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing: run that arm first (--arm {arm})")
+        with open(path) as f:
+            records[arm] = json.load(f)
+    full, sparse = records["full"], records["bsa"]
+    if full["setup"] != sparse["setup"]:
+        raise SystemExit(f"the arms under {out} were trained with different setups: "
+                         f"{full['setup']} vs {sparse['setup']}")
+    samples = {}
+    for arm in ("full", "bsa"):
+        samples.update(torch.load(os.path.join(out, f"samples_{arm}.pt")))
+    samples = {name: samples[name] for name in ("data", "full", "bsa")}
+    torch.save(samples, os.path.join(out, "samples.pt"))
+    notes = draw_plots(out, [full, sparse], samples)
+    steps, layers = full["setup"]["steps"], full["setup"]["layers"]
+    tail = max(1, steps // 10)
     final_full, final_bsa = full["val"][-1][1], sparse["val"][-1][1]
+    same_device = full["environment"]["device_id"] == sparse["environment"]["device_id"]
     summary = {
-        "environment": environment(device),
-        "setup": {"tokens_per_clip": math.prod(n // p for n, p in zip(args.latent, args.patch)),
-                  "latent": args.latent, "patch": args.patch, "width": args.width, "layers": args.layers,
-                  "heads": args.heads, "batch": args.batch, "steps": args.steps, "lr": args.lr,
-                  "compile": args.compile, "bsa": repr(bsa), "schedule": repr(schedule)},
+        "environment": {arm: r["environment"] for arm, r in records.items()},
+        "step_times_comparable": same_device,
+        "setup": full["setup"], "bsa": sparse["bsa"], "schedule": sparse["schedule"],
         "final_val_loss": {"full": final_full, "bsa": final_bsa},
         "val_loss_gap": final_bsa / final_full - 1.0,
-        "final_train_loss_mean_last_10pct": {
-            r["arm"]: sum(r["train_loss"][-max(1, args.steps // 10):]) / max(1, args.steps // 10) for r in (full, sparse)},
+        "final_train_loss_mean_last_10pct": {arm: sum(r["train_loss"][-tail:]) / tail for arm, r in records.items()},
         "bsa_final_sparsity_per_layer": sparse["final_sparsity_per_layer"],
-        "bsa_final_sparsity_mean": sum(sparse["final_sparsity_per_layer"]) / args.layers,
-        "step_ms_median_second_half": {r["arm"]: r["step_ms_median_second_half"] for r in (full, sparse)},
-        "training_free": sweep,
-        "curves": {r["arm"]: {"train_loss": r["train_loss"], "val": r["val"], "sparsity": r["sparsity"]}
-                   for r in (full, sparse)},
+        "bsa_final_sparsity_mean": sum(sparse["final_sparsity_per_layer"]) / layers,
+        "step_ms_median_second_half": {arm: r["step_ms_median_second_half"] for arm, r in records.items()},
+        "training_free": full["training_free"],
+        "curves": {arm: {"train_loss": r["train_loss"], "val": r["val"], "sparsity": r["sparsity"]}
+                   for arm, r in records.items()},
         "notes": notes,
     }
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"card {summary['environment']['card']}, torch {torch.__version__}, "
-          f"{summary['setup']['tokens_per_clip']:,} tokens per clip, {args.steps} steps per arm")
+    save_json(os.path.join(out, "summary.json"), summary)
+    env = full["environment"]
+    print(f"card {env['card']}, torch {env['torch']}, {full['setup']['tokens_per_clip']:,} tokens per clip, "
+          f"{steps} steps per arm")
     print(f"{'arm':>5} {'final val loss':>15} {'step ms':>8} {'sparsity':>8}")
     print(f"{'full':>5} {final_full:15.5f} {full['step_ms_median_second_half']:8.1f} {0.0:8.3f}")
     print(f"{'bsa':>5} {final_bsa:15.5f} {sparse['step_ms_median_second_half']:8.1f} "
           f"{summary['bsa_final_sparsity_mean']:8.3f}")
+    if not same_device:
+        print("step times: the arms ran on different devices (same model of card); compare them with care")
     print(f"BSA validation loss vs full: {summary['val_loss_gap']:+.2%} (target: within 2%)")
-    for note in summary["notes"]:
+    for note in notes:
         print(note)
     return summary
+
+
+def run(args) -> dict | None:
+    """The chosen arms, then the summary once both arms' files are under --out."""
+    os.makedirs(args.out, exist_ok=True)
+    for arm in ("full", "bsa") if args.arm == "both" else (args.arm,):
+        run_arm(arm, args)
+    if all(os.path.exists(os.path.join(args.out, f"arm_{arm}.json")) for arm in ("full", "bsa")):
+        return summarize(args.out)
+    print(f"arm {args.arm} written under {args.out}; run the other arm into the same --out for the summary")
+    return None
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
     torchrun --nproc-per-node 2 examples/ulysses.py            # NCCL on GPUs, gloo on CPU
     torchrun --nproc-per-node 2 examples/ulysses.py --video 40 48 80 --heads 12 --dim 128
 
-Checks the result against single-process BSA on rank 0's device, then times forward+backward:
-the all-to-alls and this rank's attention separately (heads differ in sparsity, so ranks differ).
+Checks the result against single-process BSA on each rank's device, then times forward+backward:
+the whole Ulysses step, the all-to-alls and this rank's attention separately (heads differ in
+sparsity, so ranks differ), and single-process BSA over all heads on one GPU (the 1-GPU baseline).
+With OUT set, rank 0 writes the rows to $OUT/ulysses.json.
 """
 import argparse
 import datetime
+import json
 import os
 import time
 
@@ -20,7 +23,7 @@ from bsa_flex.distributed import heads_to_sequence, sequence_to_heads, ulysses_a
 from bsa_flex.synthetic import video_qkv
 
 
-def timed_ms(fn, device, repeats=5):
+def timed_ms(fn, device, repeats=10):
     """Median wall time of fn in ms, synchronising the device around each call."""
     times = []
     for _ in range(repeats + 1):
@@ -55,27 +58,47 @@ def main():
     local = [t.detach()[:, :, shard].clone().requires_grad_() for t in (q, k, v)]
     config = bsa_flex.BSAConfig(block_size=128 if cuda else 32)
 
+    grad_full = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
+    grad = grad_full[:, :, shard]
     out, stats = ulysses_attention(*local, video, config, return_stats=True)
-    reference = bsa_flex.attention(q, k, v, video, config)[:, :, shard]
-    error = float((out.detach().float() - reference.detach().float()).abs().max())
+    out.backward(grad)
+    reference = bsa_flex.attention(q, k, v, video, config)
+    reference.backward(grad_full)
+    error = float((out.detach().float() - reference.detach()[:, :, shard].float()).abs().max())
+    grad_error = max(float((t.grad.float() - full.grad[:, :, shard].float()).abs().max())
+                     for t, full in zip(local, (q, k, v)))
 
-    grad = torch.randn_like(out)
     step = lambda: ulysses_attention(*local, video, config).backward(grad)  # noqa: E731
     group = dist.group.WORLD
     heads_local = [sequence_to_heads(t.detach(), world, group) for t in local]
     a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group), world, group))  # noqa: E731
     attend = lambda: bsa_flex.attention(*[t.requires_grad_() for t in heads_local], video, config).sum().backward()  # noqa: E731
-    row = dict(rank=rank, sparsity=float(stats.sparsity), max_abs_error=error, step_ms=timed_ms(step, device),
+    one_gpu = lambda: bsa_flex.attention(q, k, v, video, config).backward(grad_full)  # noqa: E731
+    row = dict(rank=rank, sparsity=float(stats.sparsity), max_abs_error=error, max_abs_grad_error=grad_error,
+               step_ms=timed_ms(step, device),
                attention_ms=timed_ms(attend, device), all_to_all_pair_ms=timed_ms(a2a, device))
+    dist.barrier()
+    row["one_gpu_all_heads_ms"] = timed_ms(one_gpu, device)  # every rank alone at once, each on its own GPU
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
         for r in rows:
             print(f"rank {r['rank']}: sparsity {r['sparsity']:.3f}  fwd+bwd {r['step_ms']:.2f} ms  "
                   f"local attention fwd+bwd {r['attention_ms']:.2f} ms  one all-to-all pair (fwd) "
-                  f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process {r['max_abs_error']:.2e}")
+                  f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process: output {r['max_abs_error']:.2e}, "
+                  f"grads {r['max_abs_grad_error']:.2e}")
         slowest, fastest = max(r["attention_ms"] for r in rows), min(r["attention_ms"] for r in rows)
         print(f"attention load imbalance (slowest / fastest rank): {slowest / fastest:.2f}")
+        one_gpu_ms = rows[0]["one_gpu_all_heads_ms"]
+        step_ms = max(r["step_ms"] for r in rows)
+        print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks: {step_ms:.2f} ms "
+              f"(slowest rank) -> throughput {one_gpu_ms / step_ms:.2f}x on {world} over 1")
+        if os.environ.get("OUT"):
+            env = dict(torch=torch.__version__, world=world, video=video, heads=args.heads, dim=args.dim,
+                       dtype=str(dtype), backend=dist.get_backend(),
+                       card=torch.cuda.get_device_name(device) if cuda else "cpu")
+            with open(os.path.join(os.environ["OUT"], "ulysses.json"), "w") as f:
+                json.dump(dict(environment=env, rows=rows, throughput_vs_one=one_gpu_ms / step_ms), f, indent=1)
     dist.destroy_process_group()
 
 
