@@ -180,11 +180,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
         raise ValueError(f"BSAConfig.block_size={config.block_size} has no FlexAttention backward kernel on "
                          f"CUDA (torch {torch.__version__} finds no valid tile configuration): use block_size=128 "
                          f"for training; smaller blocks work for inference (no gradients)")
-    if attend is attend_flex:
+    # Inside a caller's compiled region on CPU, Inductor's C++ FlexAttention template finds no
+    # kernel for a score_mod over our (constant) layout tensors (torch 2.13: NoValidChoicesError);
+    # our own compiled graph, which takes the layout as an input, handles it.
+    cpu_score_mod = q.device.type == "cpu" and score_mod is not None
+    if attend is attend_flex and not (cpu_score_mod and torch.compiler.is_compiling()):
         return _attend(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
     if torch.compiler.is_compiling():
-        warnings.warn("bsa_flex: on CPU with gradients the blockwise path runs eagerly: a graph break in the "
-                      "compiled model (FlexAttention has no CPU backward)", BSAEagerWarning, stacklevel=2)
+        reason = ("with gradients the blockwise path runs eagerly (FlexAttention has no CPU backward)"
+                  if attend is attend_blockwise else
+                  "a score_mod runs in bsa_flex's own compiled graph (the C++ FlexAttention template cannot "
+                  "take it inside yours)")
+        warnings.warn(f"bsa_flex: on CPU {reason}: a graph break in the compiled model", BSAEagerWarning,
+                      stacklevel=2)
     return _attend_eagerly(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
 
 

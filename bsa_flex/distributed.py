@@ -22,32 +22,50 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from ._checks import check_text_tokens, check_video_shape
 from .attention import attention
 from .config import BSAConfig
-from .stats import BSAStats
+from .stats import BSAStats, concat_heads
 
 __all__ = ["ulysses_attention", "check_ulysses_shapes"]
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """Exchange equal chunks of dim 0 between the ranks of ``group`` (autograd-aware).
+def _issue_all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Start exchanging equal chunks of dim 0 between the ranks of ``group`` (autograd-aware).
 
-    The explicit wait makes the eager result an ordinary tensor (never an un-awaited async
-    one); under torch.compile it is a graph node the scheduler may still overlap.
+    Returns before the exchange completes; pass the result through ``wait_tensor`` where it is
+    used. NCCL orders a collective after all work queued on the current stream, so overlap
+    needs every exchange that should run under some computation issued before it.
     """
-    return wait_tensor(all_to_all_single_autograd(x.contiguous(), None, None, group))
+    return all_to_all_single_autograd(x.contiguous(), None, None, group)
+
+
+def _heads_by_rank(x: torch.Tensor, world: int, chunks: int) -> list[torch.Tensor]:
+    """[B, H, S/P, D] -> per head chunk c, [P, B, H/(P*chunks), S/P, D]: part p goes to rank p."""
+    return list(rearrange(x, "b (p c h) s d -> c p b h s d", p=world, c=chunks))
+
+
+def _sequence_from_ranks(received: torch.Tensor) -> torch.Tensor:
+    """[P, B, h, S/P, D] received from each rank -> [B, h, S, D]: whole sequence of this rank's heads."""
+    return rearrange(wait_tensor(received), "p b h s d -> b h (p s) d")
+
+
+def _sequence_by_rank(x: torch.Tensor, world: int) -> torch.Tensor:
+    """[B, h, S, D] -> [P, B, h, S/P, D]: sequence shard p goes to rank p."""
+    return rearrange(x, "b h (p s) d -> p b h s d", p=world)
+
+
+def _heads_from_ranks(received: list[torch.Tensor]) -> torch.Tensor:
+    """Per head chunk, [P, B, h, S/P, D] from each rank -> [B, H, S/P, D] in the caller's head order."""
+    return rearrange(torch.stack([wait_tensor(r) for r in received]), "c p b h s d -> b (p c h) s d")
 
 
 def sequence_to_heads(x: torch.Tensor, world: int, group) -> torch.Tensor:
     """[B, H, S/P, D] sequence shard -> [B, H/P, S, D]: this rank's heads over the whole sequence."""
-    chunks = rearrange(x, "b (p h) s d -> p b h s d", p=world)  # chunk p goes to rank p
-    received = _all_to_all(chunks, group)  # chunk p came from rank p: sequence shard p
-    return rearrange(received, "p b h s d -> b h (p s) d")
+    (part,) = _heads_by_rank(x, world, 1)
+    return _sequence_from_ranks(_issue_all_to_all(part, group))
 
 
 def heads_to_sequence(x: torch.Tensor, world: int, group) -> torch.Tensor:
     """[B, H/P, S, D] -> [B, H, S/P, D]: inverse of :func:`sequence_to_heads`."""
-    chunks = rearrange(x, "b h (p s) d -> p b h s d", p=world)  # sequence shard p goes to rank p
-    received = _all_to_all(chunks, group)  # chunk p came from rank p: head group p
-    return rearrange(received, "p b h s d -> b (p h) s d")
+    return _heads_from_ranks([_issue_all_to_all(_sequence_by_rank(x, world), group)])
 
 
 def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shape, world: int,
@@ -73,15 +91,19 @@ def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shap
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape,
                       config: BSAConfig | None = None, *, group=None, scale: float | None = None,
                       enable_gqa: bool = False, score_mod: Callable | None = None, prefix_tokens: int = 0,
-                      suffix_tokens: int = 0, return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
+                      suffix_tokens: int = 0, head_chunks: int = 1,
+                      return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
     """BSA over a sequence sharded across the ranks of ``group`` (default: the world).
 
     q: [B, Hq, S/P, D], k and v: [B, Hkv, S/P, D] on each rank: rank r holds raster tokens
     r*S/P .. (r+1)*S/P - 1 of the video ``video_shape`` (T, H, W). Hq and Hkv must divide by P.
     Returns this rank's output shard [B, Hq, S/P, D]; with ``return_stats``, also the stats of
-    this rank's heads (heads r*Hq/P .. (r+1)*Hq/P - 1). A score_mod sees local head indices.
+    this rank's heads (heads r*Hq/P .. (r+1)*Hq/P - 1). A score_mod sees this rank's head indices.
     ``prefix_tokens``/``suffix_tokens``: non-video tokens around the video in the sharded
     sequence, as in :func:`bsa_flex.attention` (S counts them too).
+    ``head_chunks``: split this rank's heads into that many groups attended one after another,
+    so that one group's all-to-alls travel while another group attends (both head counts per
+    rank must divide by it). The result is the same for every value.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ulysses_attention needs torch.distributed initialised (dist.init_process_group)")
@@ -92,10 +114,37 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
             raise ValueError(f"{name} must be a [B, H, S/P, D] tensor shard")
     text = check_text_tokens(prefix_tokens, suffix_tokens)
     video_shape = check_ulysses_shapes(q.shape[1], k.shape[1], q.shape[2], video_shape, world, text)
-    q_heads, k_heads, v_heads = (sequence_to_heads(t, world, group) for t in (q, k, v))
-    result = attention(q_heads, k_heads, v_heads, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                       score_mod=score_mod, prefix_tokens=text[0], suffix_tokens=text[1],
-                       return_stats=return_stats)
-    out, stats = result if return_stats else (result, None)
-    out = heads_to_sequence(out, world, group)
-    return (out, stats) if return_stats else out
+    _check_head_chunks(head_chunks, q.shape[1] // world, k.shape[1] // world)
+    heads_per_chunk = q.shape[1] // world // head_chunks
+    # every input exchange is issued before any attention is queued: see _issue_all_to_all
+    pending = [[_issue_all_to_all(part, group) for part in _heads_by_rank(t, world, head_chunks)]
+               for t in (q, k, v)]
+    outputs, chunk_stats = [], []
+    for chunk in range(head_chunks):
+        q_c, k_c, v_c = (_sequence_from_ranks(parts[chunk]) for parts in pending)
+        result = attention(q_c, k_c, v_c, video_shape, config, scale=scale, enable_gqa=enable_gqa,
+                           score_mod=_offset_heads(score_mod, chunk * heads_per_chunk),
+                           prefix_tokens=text[0], suffix_tokens=text[1], return_stats=return_stats)
+        out, stats = result if return_stats else (result, None)
+        outputs.append(_issue_all_to_all(_sequence_by_rank(out, world), group))
+        chunk_stats.append(stats)
+    out = _heads_from_ranks(outputs)
+    return (out, concat_heads(chunk_stats)) if return_stats else out
+
+
+def _check_head_chunks(head_chunks, q_heads_per_rank: int, kv_heads_per_rank: int) -> None:
+    if isinstance(head_chunks, bool) or not isinstance(head_chunks, int) or head_chunks < 1:
+        raise ValueError(f"head_chunks must be an int >= 1, got {head_chunks!r}")
+    if q_heads_per_rank % head_chunks or kv_heads_per_rank % head_chunks:
+        raise ValueError(f"head_chunks={head_chunks} must divide the heads each rank attends "
+                         f"({q_heads_per_rank} q heads, {kv_heads_per_rank} k/v heads): use a divisor of both")
+
+
+def _offset_heads(score_mod: Callable | None, offset: int) -> Callable | None:
+    """``score_mod`` seen from a head chunk: its head indices shifted to this rank's numbering."""
+    if score_mod is None or offset == 0:
+        return score_mod
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h + offset, q_idx, kv_idx)
+    return shifted

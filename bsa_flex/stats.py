@@ -7,7 +7,7 @@ import torch
 
 from masks import Selection, TileLayout
 
-__all__ = ["BSAStats", "collect_stats"]
+__all__ = ["BSAStats", "collect_stats", "concat_heads"]
 
 
 @dataclass(frozen=True)
@@ -45,4 +45,20 @@ def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | 
         sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
         kept_query_fraction=q_count.sum(-1).mean() / S, kv_density=kv_density,
         selection=selection, lse=lse, path=path,
+    )
+
+
+def concat_heads(parts: list[BSAStats]) -> BSAStats:
+    """The stats of one call made of calls over consecutive, equally sized groups of heads."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda tensors: torch.cat(list(tensors), 1)  # noqa: E731  (dim 1: heads)
+    sparsity_per_head = cat(p.sparsity_per_head for p in parts)
+    return BSAStats(
+        sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
+        kept_query_fraction=torch.stack([p.kept_query_fraction for p in parts]).mean(),
+        kv_density=cat(p.kv_density for p in parts),
+        selection=type(parts[0].selection)(*(cat(fields) for fields in zip(*(p.selection for p in parts)))),
+        lse=None if parts[0].lse is None else cat(p.lse for p in parts),
+        path=parts[0].path,
     )

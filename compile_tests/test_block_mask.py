@@ -72,3 +72,19 @@ def test_query_lists_are_the_transposed_kv_lists(lb):
                                           mask.full_q_num_blocks, mask.full_q_indices)]:
         by_kv = _densify(kv_num, kv_idx, layout.num_kv_blocks)
         assert torch.equal(_densify(q_num, q_idx, nq), by_kv.transpose(-1, -2))
+
+
+@given(layouts_and_blocks())
+def test_every_block_list_is_exactly_the_one_flex_would_build(lb):
+    """Our query lists replace Flex's internal transpose; the kernels must see identical tensors."""
+    from torch.nn.attention.flex_attention import BlockMask
+    layout, kv_blocks = lb
+    ours = build_block_mask(kv_blocks, layout)
+    flex = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                    ours.full_kv_indices, BLOCK_SIZE=ours.BLOCK_SIZE, seq_lengths=ours.seq_lengths)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        mine, theirs = getattr(ours, name), getattr(flex, name)
+        assert mine.dtype == theirs.dtype == torch.int32 and mine.is_contiguous(), name
+        assert torch.equal(mine, theirs), name
+    assert ours.seq_lengths == flex.seq_lengths and ours.BLOCK_SIZE == flex.BLOCK_SIZE

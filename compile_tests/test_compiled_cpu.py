@@ -97,6 +97,24 @@ def test_operator_compiles_as_one_graph_without_breaks():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def test_compiled_graph_sorts_only_through_the_opaque_sort():
+    """A sort Inductor can see becomes a Triton bitonic sort that takes minutes to compile on CUDA."""
+    from torch._dynamo.backends.common import aot_autograd
+    case = CASES["gqa_padded"]
+    q, k, v = case.inputs(3)
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    targets = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    compiled = torch.compile(sparse_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    compiled(q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, attend_flex)
+    sorts = [t for t in targets if "sort" in t]
+    assert sorts and all("bsa_masks.stable_argsort" in t for t in sorts), sorts
+
+
 def test_fresh_data_and_new_thresholds_do_not_recompile():
     case = CASES["gqa_padded"]
     bsa_flex.attention(*case.inputs(4), case.video_shape, case.config, enable_gqa=True)  # warm
@@ -148,6 +166,17 @@ def test_model_compiled_around_attention_runs_as_one_graph_and_does_not_recompil
             got = compiled(q, k, v)
             assert graphs() == before
             torch.testing.assert_close(got, block(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_score_mod_inside_a_model_compiled_on_cpu_runs_our_graph_behind_an_announced_break():
+    case = CASES["zscore_tiles"]
+    q, k, v = case.inputs(8)
+    decay = lambda score, b, h, q_idx, kv_idx: score - 0.01 * (q_idx - kv_idx).abs() * (h + 1)  # noqa: E731
+    call = lambda q, k, v: bsa_flex.attention(q, k, v, case.video_shape, case.config, score_mod=decay)  # noqa: E731
+    with torch.no_grad(), pytest.warns(bsa_flex.BSAEagerWarning, match="score_mod runs in bsa_flex's own"):
+        got = torch.compile(call, dynamic=False)(q, k, v)
+    with torch.no_grad():
+        torch.testing.assert_close(got, call(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_same_input_twice_gives_identical_selection_and_output():

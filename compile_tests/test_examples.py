@@ -105,3 +105,12 @@ def test_arms_trained_one_at_a_time_give_the_same_result_as_both_together(tiny_r
 def test_summarize_without_an_arm_names_the_missing_file(tmp_path):
     with pytest.raises(SystemExit, match="arm_full.json is missing"):
         train.main(["--tiny", "--summarize", "--out", str(tmp_path)])
+
+
+def test_summarize_says_which_samples_are_missing_and_still_writes_the_summary(tiny_run, tmp_path):
+    summary, out = tiny_run
+    for name in ("arm_full.json", "arm_bsa.json", "samples_full.pt"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    again = train.main(["--tiny", "--summarize", "--out", str(tmp_path)])
+    assert again["final_val_loss"] == summary["final_val_loss"]
+    assert any("samples_bsa.pt is missing" in note for note in again["notes"])

@@ -356,7 +356,7 @@ def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> s
 def draw_plots(out: str, records: list[dict], samples: dict) -> list[str]:
     """loss.png and samples.png under ``out``; returns the notes of plots that could not be drawn."""
     notes = [plot_losses(records, os.path.join(out, "loss.png")),
-             plot_samples(samples, os.path.join(out, "samples.png"))]
+             plot_samples(samples, os.path.join(out, "samples.png")) if samples else "no samples: no sample grid"]
     return [n for n in notes if n]
 
 
@@ -523,12 +523,16 @@ def summarize(out: str) -> dict:
     if full["setup"] != sparse["setup"]:
         raise SystemExit(f"the arms under {out} were trained with different setups: "
                          f"{full['setup']} vs {sparse['setup']}")
-    samples = {}
+    samples, notes = {}, []
     for arm in ("full", "bsa"):
-        samples.update(torch.load(os.path.join(out, f"samples_{arm}.pt")))
-    samples = {name: samples[name] for name in ("data", "full", "bsa")}
+        path = os.path.join(out, f"samples_{arm}.pt")
+        if os.path.exists(path):
+            samples.update(torch.load(path))
+        else:
+            notes.append(f"{path} is missing: the sample grid leaves that arm out")
+    samples = {name: samples[name] for name in ("data", "full", "bsa") if name in samples}
     torch.save(samples, os.path.join(out, "samples.pt"))
-    notes = draw_plots(out, [full, sparse], samples)
+    notes += draw_plots(out, [full, sparse], samples)
     steps, layers = full["setup"]["steps"], full["setup"]["layers"]
     tail = max(1, steps // 10)
     final_full, final_bsa = full["val"][-1][1], sparse["val"][-1][1]

@@ -42,6 +42,9 @@ def main():
     parser.add_argument("--video", type=int, nargs=3, default=[8, 16, 32], metavar=("T", "H", "W"))
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--head-chunks", type=int, nargs="+", default=[1, 2],
+                        help="time the Ulysses step with each of these head_chunks values (overlap of the "
+                             "all-to-alls with attention); the first one is also checked against one process")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=300))
@@ -60,7 +63,7 @@ def main():
 
     grad_full = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
     grad = grad_full[:, :, shard]
-    out, stats = ulysses_attention(*local, video, config, return_stats=True)
+    out, stats = ulysses_attention(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
     out.backward(grad)
     reference = bsa_flex.attention(q, k, v, video, config)
     reference.backward(grad_full)
@@ -68,14 +71,14 @@ def main():
     grad_error = max(float((t.grad.float() - full.grad[:, :, shard].float()).abs().max())
                      for t, full in zip(local, (q, k, v)))
 
-    step = lambda: ulysses_attention(*local, video, config).backward(grad)  # noqa: E731
+    step = lambda chunks: ulysses_attention(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
     group = dist.group.WORLD
     heads_local = [sequence_to_heads(t.detach(), world, group) for t in local]
     a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group), world, group))  # noqa: E731
     attend = lambda: bsa_flex.attention(*[t.requires_grad_() for t in heads_local], video, config).sum().backward()  # noqa: E731
     one_gpu = lambda: bsa_flex.attention(q, k, v, video, config).backward(grad_full)  # noqa: E731
     row = dict(rank=rank, sparsity=float(stats.sparsity), max_abs_error=error, max_abs_grad_error=grad_error,
-               step_ms=timed_ms(step, device),
+               step_ms_by_head_chunks={c: timed_ms(lambda: step(c), device) for c in args.head_chunks},
                attention_ms=timed_ms(attend, device), all_to_all_pair_ms=timed_ms(a2a, device))
     dist.barrier()
     row["one_gpu_all_heads_ms"] = timed_ms(one_gpu, device)  # every rank alone at once, each on its own GPU
@@ -83,22 +86,26 @@ def main():
     dist.all_gather_object(rows, row)
     if rank == 0:
         for r in rows:
-            print(f"rank {r['rank']}: sparsity {r['sparsity']:.3f}  fwd+bwd {r['step_ms']:.2f} ms  "
+            steps = "  ".join(f"{ms:.2f} ms ({c} head chunks)" for c, ms in r["step_ms_by_head_chunks"].items())
+            print(f"rank {r['rank']}: sparsity {r['sparsity']:.3f}  fwd+bwd {steps}  "
                   f"local attention fwd+bwd {r['attention_ms']:.2f} ms  one all-to-all pair (fwd) "
                   f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process: output {r['max_abs_error']:.2e}, "
                   f"grads {r['max_abs_grad_error']:.2e}")
         slowest, fastest = max(r["attention_ms"] for r in rows), min(r["attention_ms"] for r in rows)
         print(f"attention load imbalance (slowest / fastest rank): {slowest / fastest:.2f}")
         one_gpu_ms = rows[0]["one_gpu_all_heads_ms"]
-        step_ms = max(r["step_ms"] for r in rows)
-        print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks: {step_ms:.2f} ms "
-              f"(slowest rank) -> throughput {one_gpu_ms / step_ms:.2f}x on {world} over 1")
+        throughput = {}
+        for c in args.head_chunks:
+            step_ms = max(r["step_ms_by_head_chunks"][c] for r in rows)
+            throughput[c] = one_gpu_ms / step_ms
+            print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks, {c} head chunks: "
+                  f"{step_ms:.2f} ms (slowest rank) -> throughput {throughput[c]:.2f}x on {world} over 1")
         if os.environ.get("OUT"):
             env = dict(torch=torch.__version__, world=world, video=video, heads=args.heads, dim=args.dim,
                        dtype=str(dtype), backend=dist.get_backend(),
                        card=torch.cuda.get_device_name(device) if cuda else "cpu")
             with open(os.path.join(os.environ["OUT"], "ulysses.json"), "w") as f:
-                json.dump(dict(environment=env, rows=rows, throughput_vs_one=one_gpu_ms / step_ms), f, indent=1)
+                json.dump(dict(environment=env, rows=rows, throughput_vs_one_by_head_chunks=throughput), f, indent=1)
     dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import TileLayout
+from .ordering import stable_argsort
 
 __all__ = ["selection_mask_mod", "padding_mask_mod", "ordered_kv_blocks", "build_block_mask"]
 
@@ -39,8 +40,8 @@ def padding_mask_mod(slot_valid: torch.Tensor):
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
     as_int = blocks.to(torch.int32)
-    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
-    return as_int.sum(-1, dtype=torch.int32), indices
+    indices = stable_argsort(as_int, descending=True).to(torch.int32)
+    return as_int.sum(-1, dtype=torch.int32).contiguous(), indices
 
 
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
@@ -48,18 +49,25 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
 
     Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
     mask_mod there); blocks mixing real and padding slots go to the partial lists. The
-    backward's query lists come from Flex's own transpose: lists built here from the
-    transposed matrix passed the small GPU tests but hit an illegal memory access in the
-    backward at 153,600 tokens (torch 2.11, H200). Under
-    torch.compile the mask_mod masks padding only; uncompiled it encodes the whole selection.
+    backward's query lists are the same lists of the transposed matrix, computed exactly as
+    Flex's ``from_kv_blocks`` does but with our opaque sort (Flex's own would compile a Triton
+    sort over the query blocks: minutes at Wan shapes). Under torch.compile the mask_mod masks
+    padding only; uncompiled it encodes the whole selection.
     """
-    partial = layout.kv_block_partial
     bs = layout.block_size
-    return BlockMask.from_kv_blocks(
-        *ordered_kv_blocks(kv_blocks & partial),
-        *ordered_kv_blocks(kv_blocks & ~partial),
-        BLOCK_SIZE=bs,
+    partial = kv_blocks & layout.kv_block_partial
+    full = kv_blocks & ~layout.kv_block_partial
+    kv_num, kv_indices = ordered_kv_blocks(partial)
+    full_kv_num, full_kv_indices = ordered_kv_blocks(full)
+    q_num, q_indices = ordered_kv_blocks(partial.transpose(-2, -1))
+    full_q_num, full_q_indices = ordered_kv_blocks(full.transpose(-2, -1))
+    return BlockMask(
+        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
+        kv_num_blocks=kv_num, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num, full_kv_indices=full_kv_indices,
+        q_num_blocks=q_num, q_indices=q_indices,
+        full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
+        BLOCK_SIZE=(bs, bs),
         mask_mod=(padding_mask_mod(layout.slot_valid) if torch.compiler.is_compiling()
                   else selection_mask_mod(kv_blocks, layout.slot_valid, bs)),
-        seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),
     )

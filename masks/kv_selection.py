@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .layout import TileLayout
+from .ordering import stable_argsort
 
 __all__ = ["KV_RULES", "pool_blocks", "kv_block_probs", "own_kv_blocks", "select_kv_blocks"]
 
@@ -82,7 +83,7 @@ def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: tor
     Ties in probability resolve by block index (stable sort), so the result is reproducible.
     Every rule is applied in descending-probability order, then scattered back once.
     """
-    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
+    order = stable_argsort(probs, descending=True)
     keep_sorted = _keep_sorted_by_rule(probs.gather(-1, order), kv_block_valid[order], threshold, rule)
     rank = torch.arange(probs.shape[-1], device=probs.device)
     if max_blocks is not None:

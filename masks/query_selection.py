@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .layout import TileLayout
+from .ordering import stable_argsort
 
 __all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major"]
 
@@ -114,8 +115,8 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
     unit_q = _unit_queries_by_window(q, layout)
-    order = torch.argsort(_keep_order_score(unit_q, layout), dim=-1, stable=True)
-    kept_local = order[..., :k].sort(dim=-1).values  # [B, H, n, k]
+    first_k = stable_argsort(_keep_order_score(unit_q, layout))[..., :k]
+    kept_local = first_k.gather(-1, stable_argsort(first_k))  # [B, H, n, k], in slot order
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
