@@ -31,8 +31,8 @@ def _issue_all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """Start exchanging equal chunks of dim 0 between the ranks of ``group`` (autograd-aware).
 
     Returns before the exchange completes; pass the result through ``wait_tensor`` where it is
-    used. NCCL orders a collective after all work queued on the current stream, so overlap
-    needs every exchange that should run under some computation issued before it.
+    used. NCCL starts a collective only after the work already queued on the current stream, so
+    an exchange can overlap only the computations queued after it was issued.
     """
     return all_to_all_single_autograd(x.contiguous(), None, None, group)
 
