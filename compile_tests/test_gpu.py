@@ -157,3 +157,17 @@ def test_text_tokens_forward_and_backward_match_oracle():
                for _ in range(3))
     stats = assert_matches_oracle(q, k, v, video, BSAConfig(kv_threshold=0.7), text_tokens=(77, 20), check_grads=True)
     assert stats.path == "flex" and 0.0 < float(stats.sparsity) < 1.0
+
+
+def test_block_lists_on_cuda_are_exactly_the_ones_flex_would_build():
+    """Our q lists (built with the opaque sort) must equal Flex's own transpose on the device too."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from masks import build_block_mask, tile_layout
+    layout = tile_layout((6, 30, 44), (4, 4, 4), (2, 2, 2), 128, torch.device(CUDA))  # padded: partial blocks
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    kv_blocks = (torch.rand(1, 3, 48, layout.num_kv_blocks, generator=g, device=CUDA) < 0.2) & layout.kv_block_valid
+    ours = build_block_mask(kv_blocks, layout)
+    flex = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
+                                    ours.full_kv_indices, BLOCK_SIZE=ours.BLOCK_SIZE, seq_lengths=ours.seq_lengths)
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(flex, name)), name
