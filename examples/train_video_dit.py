@@ -32,7 +32,7 @@ from torch import nn
 
 import bsa_flex
 from bsa_flex import BSAConfig, BSAttention, SparsitySchedule, layer_stats, rope_3d
-from masks import tile_layout, token_mask
+from masks import FILL_POLICIES, tile_layout, token_mask
 
 
 # ----------------------------------------------------------------------------- data
@@ -409,6 +409,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--final-keep", type=float, default=0.5, help="BSA arm: final query keep ratio")
     parser.add_argument("--final-threshold", type=float, default=0.9, help="BSA arm: final KV threshold p")
+    parser.add_argument("--fill", choices=FILL_POLICIES, default="most_similar",
+                        help="BSA arm: which kept query's output a pruned query copies")
     parser.add_argument("--max-kv-blocks", type=int, default=None,
                         help="BSA arm: KV block budget per query block (default: 15%% of the KV blocks on the GPU preset)")
     parser.add_argument("--warmup", type=float, default=0.1, help="BSA arm: fraction of steps dense")
@@ -489,7 +491,7 @@ def run_arm(name: str, args) -> dict:
     bsa = schedule = None
     if name == "bsa":
         bsa = BSAConfig(query_keep_ratio=args.final_keep, kv_threshold=args.final_threshold,
-                        block_size=args.block_size, max_kv_blocks=args.max_kv_blocks)
+                        block_size=args.block_size, max_kv_blocks=args.max_kv_blocks, fill=args.fill)
         # The threshold ramps in stairs at no cost (a tensor updated in place); each keep ratio
         # compiles one graph per grad mode (about 1.5 min per pair on an H200), so the keep
         # ratio goes to its final value in one step when the warm-up ends.
