@@ -57,6 +57,8 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     bs = layout.block_size
     partial = kv_blocks & layout.kv_block_partial
     full = kv_blocks & ~layout.kv_block_partial
+    # four separate sorts: lists cut from one stacked sort broke Inductor's CPU Flex template
+    # (torch 2.13: C++ compile error, kv_num_blocks undeclared)
     kv_num, kv_indices = ordered_kv_blocks(partial)
     full_kv_num, full_kv_indices = ordered_kv_blocks(full)
     q_num, q_indices = ordered_kv_blocks(partial.transpose(-2, -1))
