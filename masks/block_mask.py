@@ -51,8 +51,10 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     mask_mod there); blocks mixing real and padding slots go to the partial lists. The
     backward's query lists are the same lists of the transposed matrix, computed exactly as
     Flex's ``from_kv_blocks`` does but with our opaque sort (Flex's own would compile a Triton
-    sort over the query blocks: minutes at Wan shapes). Under torch.compile the mask_mod masks
-    padding only; uncompiled it encodes the whole selection.
+    sort over the query blocks: minutes at Wan shapes). An earlier variant that built its own
+    lists differently crashed the backward at 153,600 tokens (illegal memory access, torch
+    2.11, H200); these are tested bit-identical to Flex's. Under torch.compile the mask_mod
+    masks padding only; uncompiled it encodes the whole selection.
     """
     bs = layout.block_size
     partial = kv_blocks & layout.kv_block_partial
