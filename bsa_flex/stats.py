@@ -58,7 +58,7 @@ def concat_heads(parts: list[BSAStats]) -> BSAStats:
         sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
         kept_query_fraction=torch.stack([p.kept_query_fraction for p in parts]).mean(),
         kv_density=cat(p.kv_density for p in parts),
-        selection=type(parts[0].selection)(*(cat(fields) for fields in zip(*(p.selection for p in parts)))),
+        selection=Selection(*(cat(fields) for fields in zip(*(p.selection for p in parts)))),
         lse=None if parts[0].lse is None else cat(p.lse for p in parts),
         path=parts[0].path,
     )
