@@ -158,9 +158,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None, *, scale=None,
                           enable_gqa: bool = False, score_mod: Callable | None = None,
                           text_tokens: tuple[int, int] = (0, 0),
-                          check_grads: bool = False, grad_tol: float | None = None) -> BSAStats:
+                          check_grads: bool = False, grad_tol: float | None = None,
+                          attend: Callable = attention) -> BSAStats:
     """Run ``bsa_flex.attention`` and assert it equals the float64 oracle on the same selection.
 
+    ``attend``: the function under test, called like ``bsa_flex.attention`` (e.g. a
+    ``torch.compile`` of it, which inlines BSA into the caller's graph).
     Compares the output (and the LSE where the path returns one) element-wise with
     :func:`tolerances`, checks :func:`check_selection`, and with ``check_grads`` compares the
     gradients of q, k and v for a random output gradient by relative L2 error (``grad_tol``,
@@ -169,9 +172,9 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
     """
     config = BSAConfig() if config is None else config
     leaves = [t.detach().clone().requires_grad_(check_grads) for t in (q, k, v)]
-    out, stats = attention(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                           score_mod=score_mod, prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1],
-                           return_stats=True)
+    out, stats = attend(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
+                        score_mod=score_mod, prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1],
+                        return_stats=True)
     layout = tile_layout(tuple(video_shape), config.tile, config.window, config.block_size, q.device, *text_tokens)
     check_selection(stats.selection, layout, config)
     ref_leaves = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]

@@ -29,6 +29,7 @@ def timed_ms(fn, device, repeats=10):
     for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
+        dist.barrier()  # ranks start together, so a collective does not time the other rank's lateness
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
@@ -45,6 +46,9 @@ def main():
     parser.add_argument("--head-chunks", type=int, nargs="+", default=[1, 2],
                         help="time the Ulysses step with each of these head_chunks values (overlap of the "
                              "all-to-alls with attention); the first one is also checked against one process")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(ulysses_attention): the layout changes around the "
+                             "all-to-alls can then fuse into the attention graph's own kernels")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=300))
@@ -71,41 +75,55 @@ def main():
     grad_error = max(float((t.grad.float() - full.grad[:, :, shard].float()).abs().max())
                      for t, full in zip(local, (q, k, v)))
 
-    step = lambda chunks: ulysses_attention(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
+    compiled = torch.compile(ulysses_attention, dynamic=False)
+    variants = [(f"{c} head chunks", c, ulysses_attention) for c in args.head_chunks]
+    if args.compile:
+        variants += [(f"{c} head chunks, compiled", c, compiled) for c in args.head_chunks]
+        out_c, stats_c = compiled(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
+        diff = (out_c.detach() - out.detach()).float()
+        compiled_check = dict(  # a different fusion can flip near-tied selections; these say how many flipped
+            max_abs_error=float(diff.abs().max()), rel_l2=float(diff.norm() / out.detach().float().norm()),
+            fill_source_differs=float((stats_c.selection.fill_source != stats.selection.fill_source).float().mean()),
+            kv_blocks_differ=float((stats_c.selection.kv_blocks != stats.selection.kv_blocks).float().mean()))
+    step = lambda fn, chunks: fn(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
     group = dist.group.WORLD
     heads_local = [sequence_to_heads(t.detach(), world, group) for t in local]
     a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group), world, group))  # noqa: E731
     attend = lambda: bsa_flex.attention(*[t.requires_grad_() for t in heads_local], video, config).sum().backward()  # noqa: E731
     one_gpu = lambda: bsa_flex.attention(q, k, v, video, config).backward(grad_full)  # noqa: E731
     row = dict(rank=rank, sparsity=float(stats.sparsity), max_abs_error=error, max_abs_grad_error=grad_error,
-               step_ms_by_head_chunks={c: timed_ms(lambda: step(c), device) for c in args.head_chunks},
+               step_ms={label: timed_ms(lambda: step(fn, c), device) for label, c, fn in variants},
                attention_ms=timed_ms(attend, device), all_to_all_pair_ms=timed_ms(a2a, device))
-    dist.barrier()
+    if args.compile:
+        row["compiled_vs_eager"] = compiled_check
     row["one_gpu_all_heads_ms"] = timed_ms(one_gpu, device)  # every rank alone at once, each on its own GPU
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
         for r in rows:
-            steps = "  ".join(f"{ms:.2f} ms ({c} head chunks)" for c, ms in r["step_ms_by_head_chunks"].items())
+            steps = "  ".join(f"{ms:.2f} ms ({label})" for label, ms in r["step_ms"].items())
             print(f"rank {r['rank']}: sparsity {r['sparsity']:.3f}  fwd+bwd {steps}  "
                   f"local attention fwd+bwd {r['attention_ms']:.2f} ms  one all-to-all pair (fwd) "
                   f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process: output {r['max_abs_error']:.2e}, "
-                  f"grads {r['max_abs_grad_error']:.2e}")
+                  f"grads {r['max_abs_grad_error']:.2e}"
+                  + ("; compiled vs eager: max |err| {max_abs_error:.2e}, rel. L2 {rel_l2:.2e}, fill sources differ "
+                     "{fill_source_differs:.2%}, KV-block choices differ {kv_blocks_differ:.3%}"
+                     .format(**r["compiled_vs_eager"]) if args.compile else ""))
         slowest, fastest = max(r["attention_ms"] for r in rows), min(r["attention_ms"] for r in rows)
         print(f"attention load imbalance (slowest / fastest rank): {slowest / fastest:.2f}")
         one_gpu_ms = rows[0]["one_gpu_all_heads_ms"]
         throughput = {}
-        for c in args.head_chunks:
-            step_ms = max(r["step_ms_by_head_chunks"][c] for r in rows)
-            throughput[c] = one_gpu_ms / step_ms
-            print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks, {c} head chunks: "
-                  f"{step_ms:.2f} ms (slowest rank) -> throughput {throughput[c]:.2f}x on {world} over 1")
+        for label, _, _ in variants:
+            step_ms = max(r["step_ms"][label] for r in rows)
+            throughput[label] = one_gpu_ms / step_ms
+            print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks, {label}: "
+                  f"{step_ms:.2f} ms (slowest rank) -> throughput {throughput[label]:.2f}x on {world} over 1")
         if os.environ.get("OUT"):
             env = dict(torch=torch.__version__, world=world, video=video, heads=args.heads, dim=args.dim,
                        dtype=str(dtype), backend=dist.get_backend(),
                        card=torch.cuda.get_device_name(device) if cuda else "cpu")
             with open(os.path.join(os.environ["OUT"], "ulysses.json"), "w") as f:
-                json.dump(dict(environment=env, rows=rows, throughput_vs_one_by_head_chunks=throughput), f, indent=1)
+                json.dump(dict(environment=env, rows=rows, throughput_vs_one=throughput), f, indent=1)
     dist.destroy_process_group()
 
 
