@@ -7,6 +7,7 @@ case, threshold fixed): do_bench median; CPU time to enqueue one step while the 
 (so no wait is counted); the sum of CUDA kernel times of one step (profiler); and the replay time
 of the same step captured with torch.cuda.make_graphed_callables (if capture works).
 """
+import math
 import sys
 import time
 
@@ -16,13 +17,10 @@ from triton.testing import do_bench
 
 import bsa_flex
 from bsa_flex import BSAConfig
-from bsa_flex.synthetic import video_qkv
+from bsa_flex.bench import WAN_CASES, Setup, _inputs
 
-SHAPES = {23296: (16, 28, 52), 153600: (40, 48, 80)}
-video_shape = SHAPES[int(sys.argv[1]) if len(sys.argv) > 1 else 23296]
-q, k, v = video_qkv(1, 12, 12, video_shape, 128, dtype=torch.bfloat16, device="cuda", seed=0, sharpness=2.0,
-                    requires_grad=True)
-go = torch.randn_like(q)
+video_shape = {math.prod(shape): shape for shape, _ in WAN_CASES}[int(sys.argv[1]) if len(sys.argv) > 1 else 23296]
+q, k, v, go = _inputs(video_shape, Setup(12, 128, torch.bfloat16, torch.device("cuda"), BSAConfig()))  # the bench's inputs
 config = BSAConfig(kv_threshold=0.5)
 attend = lambda q, k, v: bsa_flex.attention(q, k, v, video_shape, config)  # noqa: E731
 

@@ -6,6 +6,7 @@ One warm fwd+bwd under torch.cuda.memory._record_memory_history; replays the tra
 moment of peak and prints the 20 largest live blocks then, with their innermost Python frames outside
 torch's own files (Inductor's generated code included); SDPA's peak on the same inputs for comparison.
 """
+import math
 import sys
 
 import torch
@@ -13,13 +14,10 @@ import torch.nn.functional as F
 
 import bsa_flex
 from bsa_flex import BSAConfig
-from bsa_flex.synthetic import video_qkv
+from bsa_flex.bench import WAN_CASES, Setup, _inputs
 
-SHAPES = {23296: (16, 28, 52), 153600: (40, 48, 80)}
-video_shape = SHAPES[int(sys.argv[1]) if len(sys.argv) > 1 else 153600]
-q, k, v = video_qkv(1, 12, 12, video_shape, 128, dtype=torch.bfloat16, device="cuda", seed=0, sharpness=2.0,
-                    requires_grad=True)
-go = torch.randn_like(q)
+video_shape = {math.prod(shape): shape for shape, _ in WAN_CASES}[int(sys.argv[1]) if len(sys.argv) > 1 else 153600]
+q, k, v, go = _inputs(video_shape, Setup(12, 128, torch.bfloat16, torch.device("cuda"), BSAConfig()))  # the bench's inputs
 config = BSAConfig(kv_threshold=0.5)
 GiB = 2 ** 30
 
