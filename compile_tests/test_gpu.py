@@ -44,7 +44,7 @@ def test_attention_inlined_into_a_users_compiled_function_matches_oracle(name):
     """A user compiles the caller: BSA's graph is inlined and re-fused there, and must stay exact.
 
     Added after 2 ranks of torch.compile(ulysses_attention) on H200s differed from the eager call
-    by up to 1.1 (relative L2 8e-4, bf16) with identical selections at 153,600 tokens."""
+    by up to 1.1 (relative L2 8e-4, bf16) with the same KV blocks and fill sources at 153,600 tokens."""
     case = CASES[name]
     q, k, v = case.inputs(6, device=CUDA, sharpness=8.0)
     compiled = torch.compile(bsa_flex.attention, dynamic=False)

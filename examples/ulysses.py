@@ -83,6 +83,7 @@ def main():
         diff = (out_c.detach() - out.detach()).float()
         compiled_check = dict(  # a different fusion can flip near-tied selections; these say how many flipped
             max_abs_error=float(diff.abs().max()), rel_l2=float(diff.norm() / out.detach().float().norm()),
+            kept_token_differs=float((stats_c.selection.kept_token != stats.selection.kept_token).float().mean()),
             fill_source_differs=float((stats_c.selection.fill_source != stats.selection.fill_source).float().mean()),
             kv_blocks_differ=float((stats_c.selection.kv_blocks != stats.selection.kv_blocks).float().mean()))
     step = lambda fn, chunks: fn(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
@@ -106,8 +107,9 @@ def main():
                   f"local attention fwd+bwd {r['attention_ms']:.2f} ms  one all-to-all pair (fwd) "
                   f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process: output {r['max_abs_error']:.2e}, "
                   f"grads {r['max_abs_grad_error']:.2e}"
-                  + ("; compiled vs eager: max |err| {max_abs_error:.2e}, rel. L2 {rel_l2:.2e}, fill sources differ "
-                     "{fill_source_differs:.2%}, KV-block choices differ {kv_blocks_differ:.3%}"
+                  + ("; compiled vs eager: max |err| {max_abs_error:.2e}, rel. L2 {rel_l2:.2e}, kept queries differ "
+                     "{kept_token_differs:.3%}, fill sources differ {fill_source_differs:.3%}, KV-block choices "
+                     "differ {kv_blocks_differ:.3%}"
                      .format(**r["compiled_vs_eager"]) if args.compile else ""))
         slowest, fastest = max(r["attention_ms"] for r in rows), min(r["attention_ms"] for r in rows)
         print(f"attention load imbalance (slowest / fastest rank): {slowest / fastest:.2f}")
