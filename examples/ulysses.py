@@ -75,9 +75,9 @@ def main():
     grad_error = max(float((t.grad.float() - full.grad[:, :, shard].float()).abs().max())
                      for t, full in zip(local, (q, k, v)))
 
-    compiled = torch.compile(ulysses_attention, dynamic=False)
     variants = [(f"{c} head chunks", c, ulysses_attention) for c in args.head_chunks]
     if args.compile:
+        compiled = torch.compile(ulysses_attention, dynamic=False)
         variants += [(f"{c} head chunks, compiled", c, compiled) for c in args.head_chunks]
         out_c, stats_c = compiled(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
         diff = (out_c.detach() - out.detach()).float()
