@@ -14,16 +14,25 @@ import torch
 __all__ = ["stable_argsort"]
 
 
-@torch.library.custom_op("bsa_masks::stable_argsort", mutates_args=())
+# Declared with torch.library.Library rather than torch.library.custom_op: the dispatcher then
+# calls the kernel directly, without custom_op's Python autograd wrapper (about 40 us of host
+# time per call on our 2-core CPU, five calls per BSA call). Indices have no gradient.
+_LIB = torch.library.Library("bsa_masks", "DEF")
+_LIB.define("stable_argsort(Tensor x, bool descending) -> Tensor")
+
+
 def _stable_argsort(x: torch.Tensor, descending: bool) -> torch.Tensor:
     return torch.argsort(x.contiguous(), dim=-1, descending=descending, stable=True)
 
 
-@_stable_argsort.register_fake
+_LIB.impl("stable_argsort", _stable_argsort, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bsa_masks::stable_argsort")
 def _(x: torch.Tensor, descending: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.int64, device=x.device)
 
 
 def stable_argsort(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """Indices [..., n] (int64) that sort ``x`` along its last dim; ties keep their order."""
-    return _stable_argsort(x.detach(), descending)
+    return torch.ops.bsa_masks.stable_argsort(x.detach(), descending)
