@@ -5,6 +5,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from bsa_flex.testing import configs, video_shapes
 from masks import build_block_mask, ordered_kv_blocks, tile_layout
+from masks.ordering import stable_argsort
 
 CPU = torch.device("cpu")
 
@@ -88,3 +89,17 @@ def test_every_block_list_is_exactly_the_one_flex_would_build(lb):
         assert mine.dtype == theirs.dtype == torch.int32 and mine.is_contiguous(), name
         assert torch.equal(mine, theirs), name
     assert ours.seq_lengths == flex.seq_lengths and ours.BLOCK_SIZE == flex.BLOCK_SIZE
+
+
+
+@given(st.integers(1, 300), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1))
+def test_stable_argsort_orders_like_a_stable_sort_and_keeps_ties_in_place(n, distinct, descending, seed):
+    x = torch.randint(0, distinct, (3, n), generator=torch.Generator().manual_seed(seed))  # many ties
+    assert torch.equal(stable_argsort(x, descending), torch.argsort(x, dim=-1, descending=descending, stable=True))
+
+
+def test_stable_argsort_inside_a_compiled_graph_equals_the_eager_sort():
+    x = torch.randint(0, 4, (5, 128), generator=torch.Generator().manual_seed(0)).float()
+    for descending in (False, True):
+        compiled = torch.compile(lambda t: stable_argsort(t * 2.0, descending), fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x), torch.argsort(x, dim=-1, descending=descending, stable=True))
