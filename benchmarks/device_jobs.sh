@@ -16,7 +16,7 @@ left() { echo $((DEADLINE - SECONDS)); }
 job() {
   local gpu=$1 name=$2 t=$3; shift 3
   local l; l=$(left); [ "$t" -gt "$l" ] && t=$l
-  [ "$t" -le 5 ] && { echo "$name SKIPPED (no time left)" >> "$OUT/logs/status.txt"; return; }
+  [ "$t" -le 5 ] && { echo "$name SKIPPED (under 5 s to run)" >> "$OUT/logs/status.txt"; return; }
   local t0=$SECONDS
   CUDA_VISIBLE_DEVICES=$gpu timeout -k 5 "$t" bash -c "$*" > "$OUT/logs/$name.log" 2>&1
   echo "$name rc=$? limit=${t}s took=$((SECONDS - t0))s" >> "$OUT/logs/status.txt"
