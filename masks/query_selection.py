@@ -97,6 +97,20 @@ def _fill_rank(unit_q: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch
     return preference.masked_fill(is_self, float("inf")).argmax(-1)
 
 
+def _kept_and_fill_ranks(q: torch.Tensor, layout: TileLayout, k: int, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept window positions [B, H, n, k] (slot order) and the rank each slot copies [B, H, n, w]."""
+    B, H = q.shape[:2]
+    n, w = layout.num_windows, layout.window_tokens
+    if k == w:  # keep ratio 1.0: every query is kept and copies itself, so nothing needs scoring
+        every = torch.arange(w, device=q.device).expand(B, H, n, w)
+        return every, every
+    unit_q = _unit_queries_by_window(q, layout)
+    first_k = stable_argsort(_keep_order_score(unit_q, layout))[..., :k]
+    kept_local = first_k.gather(-1, stable_argsort(first_k))
+    kept_valid = layout.slot_valid[(torch.arange(n, device=q.device)[:, None] * w + kept_local)]
+    return kept_local, _fill_rank(unit_q, kept_local, kept_valid, layout, fill)
+
+
 def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
     """Compact rows of the video's kept queries: windows x kept per window, padded to whole query blocks."""
     return -(-layout.num_windows * keep_per_window // layout.block_size) * layout.block_size
@@ -114,14 +128,10 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    unit_q = _unit_queries_by_window(q, layout)
-    first_k = stable_argsort(_keep_order_score(unit_q, layout))[..., :k]
-    kept_local = first_k.gather(-1, stable_argsort(first_k))  # [B, H, n, k], in slot order
+    kept_local, fill_rank = _kept_and_fill_ranks(q, layout, k, fill)
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
-
-    fill_rank = _fill_rank(unit_q, kept_local, kept_valid.view(B, H, n, k), layout, fill)
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
 
     pad = video_query_rows(layout, k) - n * k
