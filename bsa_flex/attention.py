@@ -1,6 +1,7 @@
 """``bsa_flex.attention``: Bidirectional Sparse Attention, read top to bottom as in the paper."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -75,6 +76,7 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, confi
 # (8 per function) would turn the 9th into a hard error under fullgraph, e.g. in a test suite or
 # a schedule with many kept counts. The budget is raised around our own calls only.
 _RECOMPILE_LIMIT = 64
+_RAISED_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)  # built once: hot path
 
 
 def _compile(fn):
@@ -93,7 +95,8 @@ def _graphs_compiled() -> int:
 def _run_compiled(q, k, v, *args):
     """Run the compiled operator and say so whenever that compiled a new graph."""
     before = _graphs_compiled()
-    with torch._dynamo.config.patch(recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+    raised = torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT
+    with _RAISED_RECOMPILE_LIMIT if raised else contextlib.nullcontext():
         result = _compiled_sparse_attention(q, k, v, *args)
     if _graphs_compiled() > before:
         _run_compiled.graphs += 1

@@ -97,18 +97,19 @@ def _fill_rank(unit_q: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch
     return preference.masked_fill(is_self, float("inf")).argmax(-1)
 
 
-def _kept_and_fill_ranks(q: torch.Tensor, layout: TileLayout, k: int, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept window positions [B, H, n, k] (slot order) and the rank each slot copies [B, H, n, w]."""
+def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kept window positions [B, H, n, k] in slot order, and the unit queries they were scored on.
+
+    With k equal to the window size (keep ratio 1.0) every position is kept and nothing is
+    scored: the unit queries are None.
+    """
     B, H = q.shape[:2]
     n, w = layout.num_windows, layout.window_tokens
-    if k == w:  # keep ratio 1.0: every query is kept and copies itself, so nothing needs scoring
-        every = torch.arange(w, device=q.device).expand(B, H, n, w)
-        return every, every
+    if k == w:
+        return torch.arange(w, device=q.device).expand(B, H, n, w), None
     unit_q = _unit_queries_by_window(q, layout)
     first_k = stable_argsort(_keep_order_score(unit_q, layout))[..., :k]
-    kept_local = first_k.gather(-1, stable_argsort(first_k))
-    kept_valid = layout.slot_valid[(torch.arange(n, device=q.device)[:, None] * w + kept_local)]
-    return kept_local, _fill_rank(unit_q, kept_local, kept_valid, layout, fill)
+    return first_k.gather(-1, stable_argsort(first_k)), unit_q
 
 
 def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
@@ -128,10 +129,13 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    kept_local, fill_rank = _kept_and_fill_ranks(q, layout, k, fill)
+    kept_local, unit_q = _kept_in_windows(q, layout, k)
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
+    # with every query kept, each copies itself
+    fill_rank = (kept_local if unit_q is None else
+                 _fill_rank(unit_q, kept_local, kept_valid.view(B, H, n, k), layout, fill))
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
 
     pad = video_query_rows(layout, k) - n * k
