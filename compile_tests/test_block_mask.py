@@ -1,7 +1,7 @@
 """BlockMask construction: block lists, full/partial split, and the mask_mod that mirrors them."""
 import torch
 from hypothesis import given, strategies as st
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from bsa_flex.testing import configs, video_shapes
 from masks import build_block_mask, ordered_kv_blocks, tile_layout
@@ -78,7 +78,6 @@ def test_query_lists_are_the_transposed_kv_lists(lb):
 @given(layouts_and_blocks())
 def test_every_block_list_is_exactly_the_one_flex_would_build(lb):
     """Our query lists replace Flex's internal transpose; the kernels must see identical tensors."""
-    from torch.nn.attention.flex_attention import BlockMask
     layout, kv_blocks = lb
     ours = build_block_mask(kv_blocks, layout)
     flex = BlockMask.from_kv_blocks(ours.kv_num_blocks, ours.kv_indices, ours.full_kv_num_blocks,
@@ -89,7 +88,6 @@ def test_every_block_list_is_exactly_the_one_flex_would_build(lb):
         assert mine.dtype == theirs.dtype == torch.int32 and mine.is_contiguous(), name
         assert torch.equal(mine, theirs), name
     assert ours.seq_lengths == flex.seq_lengths and ours.BLOCK_SIZE == flex.BLOCK_SIZE
-
 
 
 @given(st.integers(1, 300), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1))
