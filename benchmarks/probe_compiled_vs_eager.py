@@ -3,9 +3,11 @@
     PYTHONPATH=$PWD python benchmarks/probe_compiled_vs_eager.py [--video T H W] [--heads N] [--no-grad]
 
 Runs BSA eagerly and inside a caller's torch.compile on the same inputs (bf16, requires_grad as
-in training unless --no-grad), checks that both made the same selection, and for the 20 output
-rows that differ most computes that row in float64 from the selection alone (the query the row
-copies, the keys of its query block's KV blocks). Prints each side's error against that row.
+in training unless --no-grad), counts the token-heads whose selection differs (query or KV
+blocks), and for the 20 output rows that differ most computes that row in float64 from each
+side's own selection (the query the row copies, the keys of its query block's KV blocks).
+Prints each side's error against its own float64 row: both small means both are right, each
+for the selection it made.
 Written after 2 ranks of torch.compile(ulysses_attention) differed from eager by up to 1.1 on H200s.
 """
 import argparse
@@ -16,7 +18,7 @@ import torch
 import bsa_flex
 from bsa_flex import BSAConfig
 from bsa_flex.synthetic import video_qkv
-from masks import tile_layout
+from masks import tile_layout, tokens_with_same_selection
 
 
 def oracle_row(q, k, v, selection, layout, b, h, t, scale):
@@ -44,22 +46,25 @@ def main():
     with torch.set_grad_enabled(not args.no_grad):
         eager_out, eager_stats = bsa_flex.attention(q, k, v, video, config, return_stats=True)
         comp_out, comp_stats = compiled(q, k, v, video, config, return_stats=True)
-    same = [torch.equal(a, b) for a, b in zip(eager_stats.selection, comp_stats.selection)]
-    diff = (eager_out.detach().float() - comp_out.detach().float()).abs().amax(-1)  # [B, H, S]
-    print(f"{device} S={q.shape[2]} grad={not args.no_grad}: selections equal {same}; max |diff| "
-          f"{float(diff.max()):.3e}; rows with |diff| > 0.05: {int((diff > 0.05).sum())} of {diff.numel()}")
-    if not all(same):
-        return
     layout = tile_layout(video, config.tile, config.window, config.block_size, q.device)
+    same = tokens_with_same_selection(eager_stats.selection, comp_stats.selection, config.block_size)
+    diff = (eager_out.detach().float() - comp_out.detach().float()).abs().amax(-1)  # [B, H, S]
+    agreeing = f"{float(diff[same].max()):.3e}" if bool(same.any()) else "-"
+    print(f"{device} S={q.shape[2]} grad={not args.no_grad}: token-heads with another selection "
+          f"{int((~same).sum())} of {same.numel()}; max |diff| {float(diff.max()):.3e} overall, {agreeing} where "
+          f"the selection agrees; rows with |diff| > 0.05: {int((diff > 0.05).sum())}")
     scale, S = q.shape[-1] ** -0.5, q.shape[2]
     values, flat = diff.flatten().topk(min(20, diff.numel()))
-    print(" head  token  kept  query  keys  |diff|  |eager-oracle|  |compiled-oracle|")
+    print(" head  token  same  query e/c   keys e/c  |diff|  |eager-own oracle|  |compiled-own oracle|")
+    qkv = [t.detach() for t in (q, k, v)]
     for value, index in zip(values.tolist(), flat.tolist()):
         b, h, t = index // (args.heads * S), index // S % args.heads, index % S
-        ref, query, n_keys = oracle_row(q.detach(), k.detach(), v.detach(), eager_stats.selection, layout, b, h, t, scale)
-        e = float((eager_out[b, h, t].double() - ref).abs().max())
-        c = float((comp_out[b, h, t].double() - ref).abs().max())
-        print(f"{h:5d} {t:6d} {str(query == t):>5} {query:6d} {n_keys:5d}  {value:.3e}  {e:.3e}  {c:.3e}")
+        ref_e, query_e, keys_e = oracle_row(*qkv, eager_stats.selection, layout, b, h, t, scale)
+        ref_c, query_c, keys_c = oracle_row(*qkv, comp_stats.selection, layout, b, h, t, scale)
+        e = float((eager_out[b, h, t].double() - ref_e).abs().max())
+        c = float((comp_out[b, h, t].double() - ref_c).abs().max())
+        print(f"{h:5d} {t:6d} {str(bool(same[b, h, t])):>5} {query_e:6d}/{query_c:<6d} {keys_e:5d}/{keys_c:<5d} "
+              f"{value:.3e}  {e:.3e}  {c:.3e}")
 
 
 if __name__ == "__main__":

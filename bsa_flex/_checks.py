@@ -51,6 +51,12 @@ def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int]
 def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod,
                  text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
     """Raise TypeError/ValueError naming the offending argument; return the video shape as a tuple."""
+    check_operands(q, k, v, config, scale, enable_gqa, score_mod)
+    return check_video_shape(video_shape, q.shape[2], text_tokens)
+
+
+def check_operands(q, k, v, config, scale, enable_gqa, score_mod) -> None:
+    """Every check of :func:`check_inputs` but the video shape (q's S may be a shard of the sequence)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_qkv(name, t)
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -83,4 +89,3 @@ def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod,
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, "
                         f"got {type(score_mod).__name__}")
-    return check_video_shape(video_shape, S, text_tokens)

@@ -17,7 +17,7 @@ from .config import BSAConfig
 from .paths import BSAEagerWarning, attend_blockwise, attend_flex
 from .stats import BSAStats, collect_stats
 
-__all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
+__all__ = ["attention", "run_operator", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
 
 log = logging.getLogger("bsa_flex")
 
@@ -84,7 +84,10 @@ def _compile(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-_compiled_sparse_attention = _compile(sparse_attention)
+@functools.cache
+def _compiled(operator: Callable) -> Callable:
+    """The one compiled version of ``operator`` (sparse_attention or a wrapper of it)."""
+    return _compile(operator)
 
 
 def _graphs_compiled() -> int:
@@ -92,12 +95,12 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _run_compiled(q, k, v, *args):
-    """Run the compiled operator and say so whenever that compiled a new graph."""
+def _run_compiled(operator: Callable, q, k, v, *args):
+    """Run the compiled ``operator`` and say so whenever that compiled a new graph."""
     before = _graphs_compiled()
     raised = torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT
     with _RAISED_RECOMPILE_LIMIT if raised else contextlib.nullcontext():
-        result = _compiled_sparse_attention(q, k, v, *args)
+        result = _compiled(operator)(q, k, v, *args)
     if _graphs_compiled() > before:
         _run_compiled.graphs += 1
         signature = (f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "
@@ -110,7 +113,7 @@ def _run_compiled(q, k, v, *args):
                 f"{signature}. Each new shape, dtype, device, grad mode, scale, score_mod or structural "
                 f"config value (query_keep_ratio, tile, window, block_size, kv_rule, min/max_kv_blocks, "
                 f"fill) compiles once; kv_threshold and kv_zscore never recompile.",
-                BSARecompileWarning, stacklevel=3)
+                BSARecompileWarning, stacklevel=5)
     return result
 
 
@@ -177,6 +180,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     config = BSAConfig() if config is None else config
     text = check_text_tokens(prefix_tokens, suffix_tokens)
     video_shape = check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod, text)
+    return run_operator(sparse_attention, q, k, v, video_shape, text, config, scale, score_mod, return_stats)
+
+
+def run_operator(operator: Callable, q, k, v, video_shape: tuple[int, int, int], text: tuple[int, int],
+                 config: BSAConfig, scale: float | None, score_mod: Callable | None, return_stats: bool):
+    """Run ``operator`` on validated inputs: our compiled graph, inlined into the caller's, or eagerly.
+
+    ``operator`` is :func:`sparse_attention`, or a wrapper taking and returning what it does but
+    with q, k, v (and the output) laid out otherwise: ``bsa_flex.distributed`` hands it the
+    all-to-all's received parts, so that reassembling the sequence fuses into the graph.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     attend, path = _choose_attend(q, k, v)
     if q.device.type == "cuda" and attend is attend_flex and config.block_size < 128 and _needs_grad(q, k, v):
@@ -188,27 +202,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     # our own compiled graph, which takes the layout as an input, handles it.
     cpu_score_mod = q.device.type == "cpu" and score_mod is not None
     if attend is attend_flex and not (cpu_score_mod and torch.compiler.is_compiling()):
-        return _attend(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
+        return _attend(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
     if torch.compiler.is_compiling():
         reason = ("with gradients the blockwise path runs eagerly (FlexAttention has no CPU backward)"
                   if attend is attend_blockwise else
                   "a score_mod runs in bsa_flex's own compiled graph (the C++ FlexAttention template cannot "
                   "take it inside yours)")
         warnings.warn(f"bsa_flex: on CPU {reason}: a graph break in the compiled model", BSAEagerWarning,
-                      stacklevel=2)
-    return _attend_eagerly(q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
+                      stacklevel=3)
+    return _attend_eagerly(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend,
+                           path)
 
 
-def _attend(q, k, v, video_shape, text: tuple[int, int], config: BSAConfig, scale: float, score_mod,
-            return_stats: bool, attend: Callable, path: str):
+def _attend(operator: Callable, q, k, v, video_shape, text: tuple[int, int], config: BSAConfig, scale: float,
+            score_mod, return_stats: bool, attend: Callable, path: str):
     """Layout, threshold, the operator (compiled unless already inside a compiled region), stats."""
     layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device, *text)
     args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
             scale, score_mod, attend)
     if attend is attend_blockwise or torch.compiler.is_compiling():
-        out, lse, selection = sparse_attention(*args)
+        out, lse, selection = operator(*args)
     else:
-        out, lse, selection = _run_compiled(*args)
+        out, lse, selection = _run_compiled(operator, *args)
     if not return_stats:
         return out
     return out, collect_stats(selection, layout, lse, path)

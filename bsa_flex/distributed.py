@@ -1,11 +1,13 @@
 """Ulysses sequence parallelism for BSA on torch.distributed.
 
 Each of P ranks holds a contiguous shard of the raster token sequence, [B, H, S/P, D]. An
-all-to-all trades it for the whole sequence of H/P heads, [B, H/P, S, D]; every rank runs
-``bsa_flex.attention`` on its heads (BSA's masks are per head, so no rank needs another's
-selection), and a second all-to-all returns the output to sequence shards. Both all-to-alls are
-differentiable (their backward is the opposite all-to-all) and are torch's functional
-collectives, which torch.compile can trace.
+all-to-all trades it for the whole sequence of H/P heads, [B, H/P, S, D]; every rank runs BSA
+on its heads (BSA's masks are per head, so no rank needs another's selection), and a second
+all-to-all returns the output to sequence shards. Both all-to-alls are differentiable (their
+backward is the opposite all-to-all) and are torch's functional collectives, which
+torch.compile can trace. BSA's compiled graph takes the received parts as they arrive and
+returns the output parts ready to send: the layout changes around the exchanges fuse into its
+own gathers instead of running as copies.
 
     torchrun --nproc-per-node 2 examples/ulysses.py
 """
@@ -19,8 +21,8 @@ import torch.distributed as dist
 from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from ._checks import check_text_tokens, check_video_shape
-from .attention import attention
+from ._checks import check_operands, check_text_tokens, check_video_shape
+from .attention import run_operator, sparse_attention
 from .config import BSAConfig
 from .stats import BSAStats, concat_heads
 
@@ -44,7 +46,7 @@ def _heads_by_rank(x: torch.Tensor, world: int, chunks: int) -> list[torch.Tenso
 
 def _sequence_from_ranks(received: torch.Tensor) -> torch.Tensor:
     """[P, B, h, S/P, D] received from each rank -> [B, h, S, D]: whole sequence of this rank's heads."""
-    return rearrange(wait_tensor(received), "p b h s d -> b h (p s) d")
+    return rearrange(received, "p b h s d -> b h (p s) d")
 
 
 def _sequence_by_rank(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -54,13 +56,27 @@ def _sequence_by_rank(x: torch.Tensor, world: int) -> torch.Tensor:
 
 def _heads_from_ranks(received: list[torch.Tensor]) -> torch.Tensor:
     """Per head chunk, [P, B, h, S/P, D] from each rank -> [B, H, S/P, D] in the caller's head order."""
-    return rearrange(torch.stack([wait_tensor(r) for r in received]), "c p b h s d -> b (p c h) s d")
+    chunks = [wait_tensor(r) for r in received]
+    # stack copies even a single tensor; one chunk with B == 1 is a view
+    stacked = chunks[0][None] if len(chunks) == 1 else torch.stack(chunks)
+    return rearrange(stacked, "c p b h s d -> b (p c h) s d")
+
+
+def _attend_received(q_parts: torch.Tensor, k_parts: torch.Tensor, v_parts: torch.Tensor, *args):
+    """:func:`sparse_attention` on the received parts [P, B, h, S/P, D]; the output as parts to send back.
+
+    Run as BSA's one graph, the sequence's reassembly fuses into the operator's gathers and the
+    output's split into the gather that fills pruned queries. Returns (out parts, lse, Selection).
+    """
+    q, k, v = (_sequence_from_ranks(t) for t in (q_parts, k_parts, v_parts))
+    out, lse, selection = sparse_attention(q, k, v, *args)
+    return _sequence_by_rank(out, q_parts.shape[0]).contiguous(), lse, selection
 
 
 def sequence_to_heads(x: torch.Tensor, world: int, group) -> torch.Tensor:
     """[B, H, S/P, D] sequence shard -> [B, H/P, S, D]: this rank's heads over the whole sequence."""
     (part,) = _heads_by_rank(x, world, 1)
-    return _sequence_from_ranks(_issue_all_to_all(part, group))
+    return _sequence_from_ranks(wait_tensor(_issue_all_to_all(part, group)))
 
 
 def heads_to_sequence(x: torch.Tensor, world: int, group) -> torch.Tensor:
@@ -111,9 +127,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
         raise RuntimeError("ulysses_attention needs torch.distributed initialised (dist.init_process_group)")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a [B, H, S/P, D] tensor shard")
+    config = BSAConfig() if config is None else config
+    check_operands(q, k, v, config, scale, enable_gqa, score_mod)
     text = check_text_tokens(prefix_tokens, suffix_tokens)
     video_shape = check_ulysses_shapes(q.shape[1], k.shape[1], q.shape[2], video_shape, world, text)
     _check_head_chunks(head_chunks, q.shape[1] // world, k.shape[1] // world)
@@ -123,12 +138,11 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
                for t in (q, k, v)]
     outputs, chunk_stats = [], []
     for chunk in range(head_chunks):
-        q_c, k_c, v_c = (_sequence_from_ranks(parts[chunk]) for parts in pending)
-        result = attention(q_c, k_c, v_c, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                           score_mod=_offset_heads(score_mod, chunk * heads_per_chunk),
-                           prefix_tokens=text[0], suffix_tokens=text[1], return_stats=return_stats)
-        out, stats = result if return_stats else (result, None)
-        outputs.append(_issue_all_to_all(_sequence_by_rank(out, world), group))
+        q_c, k_c, v_c = (wait_tensor(parts[chunk]) for parts in pending)
+        result = run_operator(_attend_received, q_c, k_c, v_c, video_shape, text, config, scale,
+                              _offset_heads(score_mod, chunk * heads_per_chunk), return_stats)
+        out_parts, stats = result if return_stats else (result, None)
+        outputs.append(_issue_all_to_all(out_parts, group))
         chunk_stats.append(stats)
     out = _heads_from_ranks(outputs)
     return (out, concat_heads(chunk_stats)) if return_stats else out

@@ -10,7 +10,7 @@ import bsa_flex
 from bsa_flex import BSAConfig
 from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs, relative_error
-from masks import Selection, reference_attention, tile_layout
+from masks import Selection, reference_attention, tile_layout, tokens_with_same_selection
 
 from .cases import relative_position_bias
 
@@ -125,6 +125,40 @@ def test_oracle_tells_apart_a_different_kv_selection(inputs):
     other = stats.selection._replace(kv_blocks=kv_blocks)
     ref, _ = reference_attention(*inputs.qkv, other, layout, scale=inputs.qkv[0].shape[-1] ** -0.5)
     assert not torch.allclose(out.double(), ref, atol=1e-4)
+
+
+@given(attention_inputs(shapes=st.just((3, 5, 7))), st.data())
+def test_tokens_with_same_selection_are_exactly_those_whose_query_and_kv_blocks_did_not_change(inputs, data):
+    config = BSAConfig(tile=(2, 2, 2), window=(1, 2, 2), block_size=16, kv_threshold=0.5, query_keep_ratio=0.5)
+    (_, stats), layout = _stats(inputs, config)
+    a, bs = stats.selection, layout.block_size
+    row = data.draw(st.integers(0, a.kept_token.shape[-1] - 2))  # swap the queries of rows row and row+1
+    block = data.draw(st.integers(0, a.kv_blocks.shape[-2] - 1))  # this query block gains every valid KV block
+    kept_token, kv_blocks = a.kept_token.clone(), a.kv_blocks.clone()
+    kept_token[..., [row, row + 1]] = a.kept_token[..., [row + 1, row]]
+    kv_blocks[..., block, :] = layout.kv_block_valid
+    b = a._replace(kept_token=kept_token, kv_blocks=kv_blocks)
+    query_moved = (a.kept_token != kept_token).gather(2, a.fill_source)
+    blocks_changed = (a.kv_blocks != kv_blocks).any(-1).gather(2, a.fill_source // bs)
+    assert torch.equal(tokens_with_same_selection(a, b, bs), ~(query_moved | blocks_changed))
+    assert bool(tokens_with_same_selection(a, a, bs).all())
+
+
+def test_outputs_of_two_selections_agree_on_tokens_with_same_selection():
+    q, k, v = video_qkv(1, 2, 2, (4, 4, 8), 16, seed=3)
+    config = BSAConfig(tile=(2, 2, 4), window=(1, 2, 2), block_size=16, kv_threshold=0.5, query_keep_ratio=0.5)
+    layout = tile_layout((4, 4, 8), config.tile, config.window, config.block_size, torch.device("cpu"))
+    _, stats = bsa_flex.attention(q, k, v, (4, 4, 8), config, return_stats=True)
+    a = stats.selection
+    kv_blocks = a.kv_blocks.clone()
+    kv_blocks[..., 1, :] = layout.kv_block_valid  # a second run that chose differently for query block 1
+    b = a._replace(kv_blocks=kv_blocks)
+    same = tokens_with_same_selection(a, b, layout.block_size)
+    out_a, _ = reference_attention(q, k, v, a, layout, scale=0.25)
+    out_b, _ = reference_attention(q, k, v, b, layout, scale=0.25)
+    assert 0 < int((~same).sum()) < same.numel()
+    torch.testing.assert_close(out_a[same], out_b[same], rtol=0, atol=1e-12)
+    assert not torch.allclose(out_a[~same], out_b[~same], atol=1e-6)
 
 
 def test_cpu_training_inside_a_compiled_model_warns_and_equals_eager():

@@ -21,6 +21,7 @@ from torch.distributed._functional_collectives import wait_tensor
 import bsa_flex
 from bsa_flex.distributed import heads_to_sequence, sequence_to_heads, ulysses_attention
 from bsa_flex.synthetic import video_qkv
+from masks import tokens_with_same_selection
 
 
 def timed_ms(fn, device, repeats=10):
@@ -36,6 +37,35 @@ def timed_ms(fn, device, repeats=10):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times[1:])[repeats // 2]
+
+
+def same_selection_in_shard(mine, theirs, shard: slice, block_size: int) -> torch.Tensor:
+    """[B, H, S/P] bool over all heads at this rank's tokens: both runs chose the same query and KV blocks.
+
+    mine and theirs are the selections of this rank's heads (over the whole sequence).
+    """
+    same = tokens_with_same_selection(mine, theirs, block_size).to(torch.uint8)
+    parts = [torch.empty_like(same) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, same)
+    return torch.cat(parts, 1)[:, :, shard].bool()
+
+
+def compare(out, ref, grads, ref_grads, same) -> dict:
+    """Output error where the selections agree and overall, the tokens that chose otherwise, gradient error."""
+    diff = (out.detach().float() - ref.detach().float()).abs().amax(-1)
+    grad_diff = [(g.float() - r.float()) for g, r in zip(grads, ref_grads)]
+    return dict(max_abs_error_same_selection=float(diff[same].max()), max_abs_error=float(diff.max()),
+                rel_l2=float((out.detach().float() - ref.detach().float()).norm() / ref.detach().float().norm()),
+                tokens_choosing_otherwise=int((~same).sum()), tokens=same.numel(),
+                max_abs_grad_error=max(float(d.abs().max()) for d in grad_diff),
+                grad_rel_l2=max(float(d.norm() / r.float().norm()) for d, r in zip(grad_diff, ref_grads)))
+
+
+def describe(c: dict) -> str:
+    return (f"max |err| {c['max_abs_error_same_selection']:.2e} where the selection agrees "
+            f"({c['tokens'] - c['tokens_choosing_otherwise']} of {c['tokens']} token-heads), {c['max_abs_error']:.2e} "
+            f"overall (rel. L2 {c['rel_l2']:.1e}); grads max |err| {c['max_abs_grad_error']:.2e}, "
+            f"rel. L2 {c['grad_rel_l2']:.1e}")
 
 
 def main():
@@ -67,36 +97,44 @@ def main():
 
     grad_full = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
     grad = grad_full[:, :, shard]
-    out, stats = ulysses_attention(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
-    out.backward(grad)
-    reference = bsa_flex.attention(q, k, v, video, config)
+    heads = slice(rank * args.heads // world, (rank + 1) * args.heads // world)
+
+    def run_checked(fn):
+        """Output, stats and input gradients of one Ulysses fwd+bwd."""
+        for t in local:
+            t.grad = None
+        out, stats = fn(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
+        out.backward(grad)
+        return out, stats, [t.grad.clone() for t in local]
+
+    # Discrete choices can differ between two graphs where a window's query scores nearly tie:
+    # outputs must agree to rounding where the selection agrees; the rest is counted.
+    reference, ref_stats = bsa_flex.attention(q, k, v, video, config, return_stats=True)
     reference.backward(grad_full)
-    error = float((out.detach().float() - reference.detach()[:, :, shard].float()).abs().max())
-    grad_error = max(float((t.grad.float() - full.grad[:, :, shard].float()).abs().max())
-                     for t, full in zip(local, (q, k, v)))
+    ref_grads = [t.grad[:, :, shard] for t in (q, k, v)]
+    ref_selection = type(ref_stats.selection)(*(t[:, heads] for t in ref_stats.selection))
+    out, stats, grads = run_checked(ulysses_attention)
+    checks = {"ulysses vs one process": compare(
+        out, reference[:, :, shard], grads, ref_grads,
+        same_selection_in_shard(stats.selection, ref_selection, shard, config.block_size))}
 
     variants = [(f"{c} head chunks", c, ulysses_attention) for c in args.head_chunks]
     if args.compile:
         compiled = torch.compile(ulysses_attention, dynamic=False)
         variants += [(f"{c} head chunks, compiled", c, compiled) for c in args.head_chunks]
-        out_c, stats_c = compiled(*local, video, config, head_chunks=args.head_chunks[0], return_stats=True)
-        diff = (out_c.detach() - out.detach()).float()
-        compiled_check = dict(  # a different fusion can flip near-tied selections; these say how many flipped
-            max_abs_error=float(diff.abs().max()), rel_l2=float(diff.norm() / out.detach().float().norm()),
-            kept_token_differs=float((stats_c.selection.kept_token != stats.selection.kept_token).float().mean()),
-            fill_source_differs=float((stats_c.selection.fill_source != stats.selection.fill_source).float().mean()),
-            kv_blocks_differ=float((stats_c.selection.kv_blocks != stats.selection.kv_blocks).float().mean()))
+        out_c, stats_c, grads_c = run_checked(compiled)
+        checks["compiled vs eager ulysses"] = compare(
+            out_c, out, grads_c, grads, same_selection_in_shard(stats_c.selection, stats.selection, shard,
+                                                                config.block_size))
     step = lambda fn, chunks: fn(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
     group = dist.group.WORLD
     heads_local = [sequence_to_heads(t.detach(), world, group) for t in local]
     a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group), world, group))  # noqa: E731
     attend = lambda: bsa_flex.attention(*[t.requires_grad_() for t in heads_local], video, config).sum().backward()  # noqa: E731
     one_gpu = lambda: bsa_flex.attention(q, k, v, video, config).backward(grad_full)  # noqa: E731
-    row = dict(rank=rank, sparsity=float(stats.sparsity), max_abs_error=error, max_abs_grad_error=grad_error,
+    row = dict(rank=rank, sparsity=float(stats.sparsity), checks=checks,
                step_ms={label: timed_ms(lambda: step(fn, c), device) for label, c, fn in variants},
                attention_ms=timed_ms(attend, device), all_to_all_pair_ms=timed_ms(a2a, device))
-    if args.compile:
-        row["compiled_vs_eager"] = compiled_check
     row["one_gpu_all_heads_ms"] = timed_ms(one_gpu, device)  # every rank alone at once, each on its own GPU
     rows = [None] * world
     dist.all_gather_object(rows, row)
@@ -105,12 +143,9 @@ def main():
             steps = "  ".join(f"{ms:.2f} ms ({label})" for label, ms in r["step_ms"].items())
             print(f"rank {r['rank']}: sparsity {r['sparsity']:.3f}  fwd+bwd {steps}  "
                   f"local attention fwd+bwd {r['attention_ms']:.2f} ms  one all-to-all pair (fwd) "
-                  f"{r['all_to_all_pair_ms']:.2f} ms  max |err| vs single process: output {r['max_abs_error']:.2e}, "
-                  f"grads {r['max_abs_grad_error']:.2e}"
-                  + ("; compiled vs eager: max |err| {max_abs_error:.2e}, rel. L2 {rel_l2:.2e}, kept queries differ "
-                     "{kept_token_differs:.3%}, fill sources differ {fill_source_differs:.3%}, KV-block choices "
-                     "differ {kv_blocks_differ:.3%}"
-                     .format(**r["compiled_vs_eager"]) if args.compile else ""))
+                  f"{r['all_to_all_pair_ms']:.2f} ms")
+            for name, c in r["checks"].items():
+                print(f"  {name}: {describe(c)}")
         slowest, fastest = max(r["attention_ms"] for r in rows), min(r["attention_ms"] for r in rows)
         print(f"attention load imbalance (slowest / fastest rank): {slowest / fastest:.2f}")
         one_gpu_ms = rows[0]["one_gpu_all_heads_ms"]

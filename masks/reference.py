@@ -11,7 +11,7 @@ import torch
 
 from .layout import TileLayout
 
-__all__ = ["Selection", "token_mask", "reference_attention"]
+__all__ = ["Selection", "token_mask", "reference_attention", "tokens_with_same_selection"]
 
 
 class Selection(NamedTuple):
@@ -70,3 +70,17 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
     out = (scores - lse[..., None]).exp() @ v64
     source = selection.kept_token.gather(2, selection.fill_source)  # raster token each output copies
     return out.gather(2, source[..., None].expand_as(out)), lse.gather(2, source)
+
+
+def tokens_with_same_selection(a: Selection, b: Selection, block_size: int) -> torch.Tensor:
+    """[B, Hq, S] bool: the token's output comes from the same query over the same KV blocks in a and b.
+
+    Two runs can make different discrete choices (a near-tie in a window's query scores can flip
+    under another compilation); only where this holds must their outputs agree to rounding.
+    Conservative: a token whose compact row moved counts as differing even if its query and
+    KV blocks are the same.
+    """
+    same_row = a.fill_source == b.fill_source
+    same_query = a.kept_token.gather(2, a.fill_source) == b.kept_token.gather(2, b.fill_source)
+    same_blocks = (a.kv_blocks == b.kv_blocks).all(-1).gather(2, a.fill_source // block_size)
+    return same_row & same_query & same_blocks
