@@ -9,8 +9,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (KeptQueries, Selection, TileLayout, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
-                   select_kv_blocks, select_queries, tile_layout, to_tile_major, video_query_rows)
+from masks import (KeptQueries, Selection, TileLayout, fill_from_kept, gather_tokens, kv_block_probs, own_kv_blocks,
+                   pool_blocks, select_kv_blocks, select_queries, tile_layout, to_tile_major, video_query_rows)
 
 from ._checks import check_inputs, check_text_tokens
 from .config import BSAConfig
@@ -67,7 +67,7 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, confi
     kept = ops.kept
     out_kept, lse_kept = attend(ops.q_kept, ops.k_slots, ops.v_slots, ops.kv_blocks, kept.kept_token, layout,
                                 scale, score_mod)  # attend (block mask built inside)
-    out = gather_tokens(out_kept, kept.fill_source)  # scatter, fill pruned queries, untile: one gather
+    out = fill_from_kept(out_kept, kept, layout, config.keep_per_window)  # scatter, fill pruned queries, untile
     lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
 

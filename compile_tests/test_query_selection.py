@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from bsa_flex.testing import attention_inputs, configs
-from masks import select_queries, tile_layout
+from masks import fill_from_kept, gather_tokens, select_queries, tile_layout
 
 CPU = torch.device("cpu")
 
@@ -142,3 +142,22 @@ def test_selection_of_an_item_does_not_depend_on_the_rest_of_the_batch(inputs, c
     alone = select_queries(q[-1:], layout, config.keep_per_window, config.fill)
     for together, single in zip(kept, alone):
         assert torch.equal(together[-1:], single)
+
+
+def _kept_with_text(inputs, config):
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU, *inputs.text_tokens)
+    return layout, select_queries(inputs.qkv[0], layout, config.keep_per_window, config.fill)
+
+
+@given(attention_inputs(max_text_tokens=20), configs())
+def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_row(inputs, config):
+    layout, kept = _kept_with_text(inputs, config)
+    B, H, rows = kept.kept_token.shape
+    g = torch.Generator().manual_seed(0)
+    out_kept = torch.randn(B, H, rows, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(B, H, layout.num_tokens, 3, dtype=torch.float64, generator=g)
+    out = fill_from_kept(out_kept, kept, layout, config.keep_per_window)
+    out.backward(grad)
+    assert torch.equal(out, gather_tokens(out_kept, kept.fill_source))
+    expected = torch.zeros_like(out_kept).scatter_add(2, kept.fill_source[..., None].expand(-1, -1, -1, 3), grad)
+    torch.testing.assert_close(out_kept.grad, expected, rtol=1e-12, atol=1e-12)

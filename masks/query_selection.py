@@ -11,7 +11,8 @@ from einops import rearrange
 from .layout import TileLayout
 from .ordering import stable_argsort
 
-__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major"]
+__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major",
+           "fill_candidates", "fill_from_kept"]
 
 FILL_POLICIES = ("most_similar", "anchor")
 
@@ -56,6 +57,59 @@ def to_tile_major(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     Only for keys and values: the backward drops the gradient of padding slots (zero there).
     """
     return _ToTileMajor.apply(x, layout.slot_token, layout.token_slot)
+
+
+def fill_candidates(layout: TileLayout, keep_per_window: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raster tokens that may copy each compact row, [Nq, w], and which of them are real, [Nq, w] bool.
+
+    A video row is copied only by tokens of its own window, a non-video row only by its own
+    token (in column 0); padding rows by none.
+    """
+    w, k = layout.window_tokens, keep_per_window
+    rows = torch.arange(num_rows, device=layout.slot_token.device)
+    column = torch.arange(w, device=rows.device)
+    is_video = rows < layout.num_windows * k
+    is_text = rows >= video_query_rows(layout, k)
+    window_slot = (rows // k).clamp_max(layout.num_windows - 1)[:, None] * w + column
+    text_slot = (layout.text_slot_start + rows - video_query_rows(layout, k)).clamp(0, layout.num_slots - 1)
+    slot = torch.where(is_text[:, None], text_slot[:, None], window_slot)
+    real = is_video[:, None] | (is_text[:, None] & (column == 0))
+    return layout.slot_token[slot], layout.slot_valid[slot] & real
+
+
+class _FillFromKept(torch.autograd.Function):
+    """Fill gather whose backward sums each kept row's copies in (at least) float32, without atomics.
+
+    Autograd's scatter-add would add up to a window's worth of copies per row with atomics in
+    the gradient's dtype: in an order that varies from run to run (gradients not bit-reproducible)
+    and rounding in bf16 at every addition. Here each row sums its window's tokens that copy it.
+    """
+
+    @staticmethod
+    def forward(out_kept, fill_source, candidates, candidate_valid):
+        return gather_tokens(out_kept, fill_source)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        fill_source, candidates, candidate_valid = ctx.saved_tensors
+        rows = torch.arange(candidates.shape[0], device=candidates.device)
+        copies = (fill_source[:, :, candidates] == rows[:, None]) & candidate_valid  # [B, H, Nq, w]
+        accumulate = torch.promote_types(grad.dtype, torch.float32)
+        grad_kept = (grad[:, :, candidates].to(accumulate) * copies[..., None]).sum(3)
+        return grad_kept.to(grad.dtype), None, None, None
+
+
+def fill_from_kept(out_kept: torch.Tensor, kept: KeptQueries, layout: TileLayout, keep_per_window: int) -> torch.Tensor:
+    """Every token's output copied from its kept row: [B, H, Nq, D] -> [B, H, S, D] in raster order.
+
+    The same as ``gather_tokens(out_kept, kept.fill_source)``, with a deterministic backward.
+    """
+    candidates, candidate_valid = fill_candidates(layout, keep_per_window, out_kept.shape[2])
+    return _FillFromKept.apply(out_kept, kept.fill_source, candidates, candidate_valid)
 
 
 def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
