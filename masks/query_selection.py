@@ -60,13 +60,16 @@ def to_tile_major(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
 
 
 def fill_candidates(layout: TileLayout, keep_per_window: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raster tokens that may copy each compact row, [Nq, w], and which of them are real, [Nq, w] bool.
+    """Raster tokens that may copy each compact row, [Nq, c], and which of them are real, [Nq, c] bool.
 
-    A video row is copied only by tokens of its own window, a non-video row only by its own
-    token (in column 0); padding rows by none.
+    A video row is copied only by tokens of its own window (c = w), a non-video row only by its
+    own token (in column 0); padding rows by none. With every query kept (k == w) each row is
+    copied by its own token alone, so c = 1 and the fill's backward is one gather.
     """
     w, k = layout.window_tokens, keep_per_window
     rows = torch.arange(num_rows, device=layout.slot_token.device)
+    if k == w:  # the compact rows are the slots themselves, each copied by its own token alone
+        return layout.slot_token[rows, None], layout.slot_valid[rows, None]
     column = torch.arange(w, device=rows.device)
     is_video = rows < layout.num_windows * k
     is_text = rows >= video_query_rows(layout, k)
