@@ -40,6 +40,16 @@ def test_forward_and_backward_match_oracle(name, seed):
     assert float(stats.sparsity) > 0.0
 
 
+def test_keep_ratio_one_forward_and_backward_match_oracle():
+    """KV sparsity alone (the setting that trained to parity): no query scoring, and the fill's
+    backward is a single gather."""
+    case = CASES["fp16_padded_zscore_anchor"]  # padding slots and partial windows
+    q, k, v = case.inputs(10, device=CUDA, sharpness=8.0)
+    config = BSAConfig(query_keep_ratio=1.0, kv_threshold=0.7)
+    stats = assert_matches_oracle(q, k, v, case.video_shape, config, check_grads=True)
+    assert float(stats.sparsity) > 0.0
+
+
 @pytest.mark.parametrize("name", ["bf16_gqa", "fp16_padded_zscore_anchor"])
 def test_attention_inlined_into_a_users_compiled_function_matches_oracle(name):
     """A user compiles the caller: BSA's graph is inlined and re-fused there, and must stay exact.
