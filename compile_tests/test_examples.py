@@ -1,4 +1,4 @@
-"""The runnable examples: the DiT training script's CPU smoke run and its measurement helpers."""
+"""The runnable examples: the DiT training script's CPU smoke run and its measurement helpers, and the Ulysses example on two CPU processes."""
 import importlib.util
 import math
 import pathlib
@@ -114,3 +114,22 @@ def test_summarize_says_which_samples_are_missing_and_still_writes_the_summary(t
     again = train.main(["--tiny", "--summarize", "--out", str(tmp_path)])
     assert again["final_val_loss"] == summary["final_val_loss"]
     assert any("samples_bsa.pt is missing" in note for note in again["notes"])
+
+
+def test_ulysses_example_on_two_cpu_processes_matches_one_process(tmp_path):
+    """examples/ulysses.py as the README runs it, small: 2 gloo ranks, checks and timings."""
+    import json
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "examples" / "ulysses.py"), "--video", "4", "8", "16", "--heads", "4", "--dim", "16",
+               "--head-chunks", "1", "--compile"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
+    for row in rows:
+        for name in ("ulysses vs one process", "compiled vs eager ulysses"):
+            check = row["checks"][name]
+            assert check["tokens_choosing_otherwise"] == 0
+            assert check["max_abs_error"] < 1e-5 and check["max_abs_grad_error"] < 1e-5
