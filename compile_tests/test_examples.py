@@ -1,4 +1,5 @@
-"""The runnable examples: the DiT training script's CPU smoke run and its measurement helpers, and the Ulysses example on two CPU processes."""
+"""The runnable examples: the DiT training script's CPU smoke run and its measurement helpers,
+and the Ulysses example on two CPU processes."""
 import importlib.util
 import math
 import pathlib
