@@ -9,7 +9,8 @@ from .reference import Selection, reference_attention, token_mask, tokens_with_s
 
 __all__ = [
     "FILL_POLICIES", "KV_RULES", "KeptQueries", "Selection", "TileLayout",
-    "build_block_mask", "fill_candidates", "fill_from_kept", "gather_tokens", "ordered_kv_blocks", "padding_mask_mod", "kv_block_probs", "own_kv_blocks", "pool_blocks",
+    "build_block_mask", "fill_candidates", "fill_from_kept", "gather_tokens", "ordered_kv_blocks", "padding_mask_mod",
+    "kv_block_probs", "own_kv_blocks", "pool_blocks",
     "reference_attention", "select_kv_blocks", "select_queries", "selection_mask_mod",
     "tile_layout", "to_tile_major", "token_mask", "tokens_with_same_selection", "video_query_rows",
 ]
