@@ -71,10 +71,11 @@ def fill_candidates(layout: TileLayout, keep_per_window: int, num_rows: int) -> 
     if k == w:  # the compact rows are the slots themselves, each copied by its own token alone
         return layout.slot_token[rows, None], layout.slot_valid[rows, None]
     column = torch.arange(w, device=rows.device)
+    video_rows = video_query_rows(layout, k)
     is_video = rows < layout.num_windows * k
-    is_text = rows >= video_query_rows(layout, k)
+    is_text = rows >= video_rows
     window_slot = (rows // k).clamp_max(layout.num_windows - 1)[:, None] * w + column
-    text_slot = (layout.text_slot_start + rows - video_query_rows(layout, k)).clamp(0, layout.num_slots - 1)
+    text_slot = (layout.text_slot_start + rows - video_rows).clamp(0, layout.num_slots - 1)
     slot = torch.where(is_text[:, None], text_slot[:, None], window_slot)
     real = is_video[:, None] | (is_text[:, None] & (column == 0))
     return layout.slot_token[slot], layout.slot_valid[slot] & real
