@@ -14,7 +14,8 @@ from masks import (KeptQueries, Selection, TileLayout, fill_from_kept, gather_to
 
 from ._checks import check_inputs, check_text_tokens
 from .config import BSAConfig
-from .paths import BSAEagerWarning, attend_blockwise, attend_flex
+from .kernels import announce_kernel, choose_kernel, kernel_facts
+from .paths import ATTEND, BSAEagerWarning
 from .stats import BSAStats, collect_stats
 
 __all__ = ["attention", "run_operator", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
@@ -61,7 +62,8 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, layout: TileLayout, confi
     """The BSA operator on validated inputs: (out [B, Hq, S, D], lse [B, Hq, S] or None, Selection).
 
     threshold: 0-dim float32 tensor holding the KV rule's number (p or z), a tensor so that
-    changing it never recompiles. ``attend`` is ``attend_flex`` or ``attend_blockwise``.
+    changing it never recompiles. ``attend`` is ``paths.ATTEND[kernel]``: FlexAttention on a kernel,
+    or the blockwise path.
     """
     ops = select_sparse(q, k, v, threshold, layout, config, scale)
     kept = ops.kept
@@ -112,7 +114,7 @@ def _run_compiled(operator: Callable, q, k, v, *args):
                 f"bsa_flex: compiled the sparse-attention graph again (graph #{_run_compiled.graphs}) for "
                 f"{signature}. Each new shape, dtype, device, grad mode, scale, score_mod or structural "
                 f"config value (query_keep_ratio, tile, window, block_size, kv_rule, min/max_kv_blocks, "
-                f"fill) compiles once; kv_threshold and kv_zscore never recompile.",
+                f"fill, kernel) compiles once; kv_threshold and kv_zscore never recompile.",
                 BSARecompileWarning, stacklevel=5)
     return result
 
@@ -148,11 +150,12 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _choose_attend(q, k, v) -> tuple[Callable, str]:
-    """FlexAttention wherever it can run; the blockwise autograd path for CPU training."""
-    if q.device.type == "cpu" and _needs_grad(q, k, v):
-        return attend_blockwise, "blockwise"
-    return attend_flex, "flex"
+def _choose_kernel(q, k, v, config: BSAConfig, score_mod: Callable | None) -> str:
+    """The kernel this call runs on (see :mod:`bsa_flex.kernels`), logged the first time it is chosen."""
+    facts = kernel_facts(q, config.block_size, _needs_grad(q, k, v), score_mod is not None)
+    kernel, reason = choose_kernel(config.kernel, facts)
+    announce_kernel(kernel, reason)
+    return kernel
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, config: BSAConfig | None = None,
@@ -175,7 +178,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     keys besides its selected video KV blocks (the KV rule ranks video blocks only).
 
     On CUDA, and on CPU without gradients, the operator runs as one compiled graph around
-    FlexAttention; on CPU with gradients it runs the blockwise PyTorch path (eagerly).
+    FlexAttention, on CUDA with the kernel ``config.kernel`` asks for (FlashAttention-4 where
+    it can run, by default); on CPU with gradients it runs the blockwise PyTorch path (eagerly).
     """
     config = BSAConfig() if config is None else config
     text = check_text_tokens(prefix_tokens, suffix_tokens)
@@ -192,41 +196,36 @@ def run_operator(operator: Callable, q, k, v, video_shape: tuple[int, int, int],
     all-to-all's received parts, so that reassembling the sequence fuses into the graph.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    attend, path = _choose_attend(q, k, v)
-    if q.device.type == "cuda" and attend is attend_flex and config.block_size < 128 and _needs_grad(q, k, v):
-        raise ValueError(f"BSAConfig.block_size={config.block_size} has no FlexAttention backward kernel on "
-                         f"CUDA (torch {torch.__version__} finds no valid tile configuration): use block_size=128 "
-                         f"for training; smaller blocks work for inference (no gradients)")
+    kernel = _choose_kernel(q, k, v, config, score_mod)
     # Inside a caller's compiled region on CPU, Inductor's C++ FlexAttention template finds no
     # kernel for a score_mod over our (constant) layout tensors (torch 2.13: NoValidChoicesError);
     # our own compiled graph, which takes the layout as an input, handles it.
     cpu_score_mod = q.device.type == "cpu" and score_mod is not None
-    if attend is attend_flex and not (cpu_score_mod and torch.compiler.is_compiling()):
-        return _attend(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend, path)
+    if kernel != "blockwise" and not (cpu_score_mod and torch.compiler.is_compiling()):
+        return _attend(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, kernel)
     if torch.compiler.is_compiling():
         reason = ("with gradients the blockwise path runs eagerly (FlexAttention has no CPU backward)"
-                  if attend is attend_blockwise else
+                  if kernel == "blockwise" else
                   "a score_mod runs in bsa_flex's own compiled graph (the C++ FlexAttention template cannot "
                   "take it inside yours)")
         warnings.warn(f"bsa_flex: on CPU {reason}: a graph break in the compiled model", BSAEagerWarning,
                       stacklevel=3)
-    return _attend_eagerly(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, attend,
-                           path)
+    return _attend_eagerly(operator, q, k, v, video_shape, text, config, scale, score_mod, return_stats, kernel)
 
 
 def _attend(operator: Callable, q, k, v, video_shape, text: tuple[int, int], config: BSAConfig, scale: float,
-            score_mod, return_stats: bool, attend: Callable, path: str):
+            score_mod, return_stats: bool, kernel: str):
     """Layout, threshold, the operator (compiled unless already inside a compiled region), stats."""
     layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device, *text)
     args = (q, k, v, _threshold_tensor(config.kv_rule_threshold, q.device), layout, config,
-            scale, score_mod, attend)
-    if attend is attend_blockwise or torch.compiler.is_compiling():
+            scale, score_mod, ATTEND[kernel])
+    if kernel == "blockwise" or torch.compiler.is_compiling():
         out, lse, selection = operator(*args)
     else:
         out, lse, selection = _run_compiled(operator, *args)
     if not return_stats:
         return out
-    return out, collect_stats(selection, layout, lse, path)
+    return out, collect_stats(selection, layout, lse, kernel)
 
 
 # The blockwise path reads a host integer; under torch.compile it must be one clean graph break

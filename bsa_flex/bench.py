@@ -1,8 +1,10 @@
-"""Benchmark BSA against dense attention: ``python -m bsa_flex.bench [--quick]``.
+"""Benchmark BSA against dense attention: ``python -m bsa_flex.bench [--quick] [--kernel flash,triton]``.
 
 Times forward and forward+backward of (a) ``F.scaled_dot_product_attention`` with the fastest
-backend on the card, (b) FlexAttention without a mask and (c) ``bsa_flex.attention`` as a user
-calls it, plus a forward breakdown of (c) by stage and its attention kernel alone. Sparsity is
+backend on the card, (b) FlexAttention without a mask, on its Triton kernel and (where
+flash-attn-4 is installed) on its FLASH backend (FlashAttention-4), and (c) ``bsa_flex.attention``
+as a user calls it, one row per BSA kernel, plus a forward breakdown of (c) by stage and its
+attention kernel alone (the kernel BSA used). Sparsity is
 reached through the real selection on video-like inputs: ``kv_threshold`` is bisected until the
 achieved sparsity meets the target (a tensor, so this never recompiles), and the achieved value
 is reported beside every time. Writes JSON, Markdown and (with matplotlib) a PNG under ``--out``.
@@ -30,6 +32,8 @@ from masks import build_block_mask, tile_layout
 
 from .attention import _compile, _threshold_tensor, attention, select_sparse
 from .config import BSAConfig
+from .kernels import KERNELS
+from .paths import _flex_kernel_options
 from .synthetic import video_qkv
 
 WAN_CASES = [((16, 28, 52), 0.93), ((40, 48, 80), 0.95)]  # Wan2.1-1.3B at 480p-ish / 720p-ish
@@ -70,6 +74,39 @@ def median_ms(fn: Callable, device: torch.device, budget_ms: float = 100.0) -> f
     return statistics.median(times)
 
 
+def host_ms(fn: Callable, device: torch.device, reps: int = 10) -> float | None:
+    """Median host time to enqueue fn on an idle GPU, not waiting for it (None on CPU).
+
+    Where it comes near the GPU time of fn, the call is host-bound: the GPU waits for launches.
+    """
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def profile_table(fn: Callable, device: torch.device, path: str) -> None:
+    """Write torch.profiler's tables (by device time, by host time) of one call of fn to path."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    by_device = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(events.table(sort_by=by_device, row_limit=25) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+
+
 def peak_gib(fn: Callable, device: torch.device) -> float | None:
     """Peak allocated GPU memory during fn, inputs included (None on CPU)."""
     if device.type != "cuda":
@@ -106,13 +143,18 @@ def layer_peak_gib(attend: Callable, heads: int, head_dim: int, video_shape, dty
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device) -> dict:
-    """{"fwd": ms, "fwd_bwd": ms or None, "peak_gib": fwd+bwd peak or None}."""
+def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device, *, host: bool = False) -> dict:
+    """{"fwd", "fwd_bwd": ms (None without grad_out), "peak_gib": fwd+bwd peak or None}; with ``host``
+    also "host_fwd", "host_fwd_bwd": host ms to enqueue (None on CPU)."""
     result = {"fwd": median_ms(forward, device), "fwd_bwd": None, "peak_gib": None}
+    if host:
+        result.update(host_fwd=host_ms(forward, device), host_fwd_bwd=None)
     if grad_out is not None:
         step = lambda: forward().backward(grad_out)  # noqa: E731
         result["fwd_bwd"] = median_ms(step, device)
         result["peak_gib"] = peak_gib(step, device)
+        if host:
+            result["host_fwd_bwd"] = host_ms(step, device)
     return result
 
 
@@ -140,25 +182,28 @@ def best_sdpa(q, k, v, grad_out, device) -> dict:
 
 
 def calibrate_threshold(q, k, v, video_shape, config: BSAConfig, target: float, steps: int = 14):
-    """Bisect kv_threshold (higher p: denser) until the achieved sparsity is closest to target."""
+    """Bisect kv_threshold (higher p: denser) until the achieved sparsity is closest to target.
+
+    Returns (config at that threshold, achieved sparsity, the kernel that ran).
+    """
     def sparsity_at(p):  # with gradients on CUDA: the graph that is timed next, not one more compile
         with torch.set_grad_enabled(q.device.type == "cuda"):
             _, stats = attention(q, k, v, video_shape, dataclasses.replace(config, kv_threshold=p), return_stats=True)
-        return float(stats.sparsity)
+        return float(stats.sparsity), stats.kernel
 
     lo, hi = 1e-4, 1.0
-    best = (1.0, sparsity_at(1.0))
+    best = (1.0, *sparsity_at(1.0))
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
-        achieved = sparsity_at(mid)
+        achieved, kernel = sparsity_at(mid)
         if abs(achieved - target) < abs(best[1] - target):
-            best = (mid, achieved)
+            best = (mid, achieved, kernel)
         lo, hi = (mid, hi) if achieved > target else (lo, mid)
-    return dataclasses.replace(config, kv_threshold=best[0]), best[1]
+    return dataclasses.replace(config, kv_threshold=best[0]), best[1], best[2]
 
 
-def stage_breakdown(q, k, v, video_shape, config: BSAConfig, grad_out, device) -> dict:
-    """Forward time of the selection, of the BlockMask build, and of the kernel alone (each compiled alone).
+def stage_breakdown(q, k, v, video_shape, config: BSAConfig, kernel: str, grad_out, device) -> dict:
+    """Forward time of the selection, of the BlockMask build, and of ``kernel`` alone (each compiled alone).
 
     In the whole call these stages share one graph, so their sum can exceed what they cost there.
     """
@@ -170,14 +215,15 @@ def stage_breakdown(q, k, v, video_shape, config: BSAConfig, grad_out, device) -
         ops = select(q, k, v)
         block_mask = build_mask(ops.kv_blocks)
     operands = [t.detach().requires_grad_(grad_out is not None) for t in (ops.q_kept, ops.k_slots, ops.v_slots)]
-    kernel = _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                                                     enable_gqa=q.shape[1] != k.shape[1]))
+    options = _flex_kernel_options(kernel, config.block_size)
+    attend = _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+                                                     enable_gqa=q.shape[1] != k.shape[1], kernel_options=options))
     with torch.no_grad():
         t_select = median_ms(lambda: select(q, k, v), device)
         t_mask = median_ms(lambda: build_mask(ops.kv_blocks), device)
     kernel_grad = None if grad_out is None or device.type != "cuda" else torch.randn_like(operands[0])
-    t_kernel = fwd_and_fwd_bwd(lambda: kernel(*operands), kernel_grad, device)
-    return {"select_ms": t_select, "block_mask_ms": t_mask, "kernel_fwd": t_kernel["fwd"],
+    t_kernel = fwd_and_fwd_bwd(lambda: attend(*operands), kernel_grad, device)
+    return {"kernel": kernel, "select_ms": t_select, "block_mask_ms": t_mask, "kernel_fwd": t_kernel["fwd"],
             "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
 
 
@@ -189,30 +235,52 @@ def _inputs(video_shape, setup: Setup):
     return q, k, v, torch.randn_like(q)
 
 
-def bench_case(video_shape, target: float, setup: Setup, geometry: str, *, breakdown: bool,
-               baselines: dict | None) -> dict:
-    """One (video shape, target sparsity, geometry) row; baselines (SDPA, Flex dense) are reused per shape."""
+def dense_flex(q, k, v, grad_out, device, backend: str) -> dict:
+    """FlexAttention without a mask on one backend ("TRITON" or "FLASH"), or why it did not run."""
+    train = device.type == "cuda"
+    options = {"BACKEND": backend} if device.type == "cuda" else None
+    fn = _compile(lambda q, k, v: flex_attention(q, k, v, kernel_options=options))
+    inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
+    try:
+        return fwd_and_fwd_bwd(lambda: fn(*inputs), grad_out if train else None, device)
+    except Exception as error:  # FLASH without flash-attn-4, or on a card it does not support  # noqa: BLE001
+        return {"fwd": None, "fwd_bwd": None, "peak_gib": None, "error": str(error).splitlines()[0][:200]}
+
+
+def dense_baselines(q, k, v, grad_out, device) -> dict:
+    """Best fused SDPA, dense Flex on Triton, dense Flex on FLASH (CUDA only)."""
+    baselines = {"sdpa": best_sdpa(q, k, v, grad_out, device), "flex_dense": dense_flex(q, k, v, grad_out, device,
+                                                                                         "TRITON")}
+    if device.type == "cuda":
+        baselines["flash_dense"] = dense_flex(q, k, v, grad_out, device, "FLASH")
+    return baselines
+
+
+def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: str, *, breakdown: bool,
+               baselines: dict | None, profile_dir: str | None = None) -> dict:
+    """One (video shape, target sparsity, geometry, kernel) row; dense baselines are reused per shape."""
     device = setup.device
     train = device.type == "cuda"  # FlexAttention has no CPU backward; CPU fwd+bwd runs the blockwise path
     q, k, v, grad_out = _inputs(video_shape, setup)
     if baselines is None:
-        flex_dense = _compile(lambda q, k, v: flex_attention(q, k, v))
-        flex_inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
-        baselines = {"sdpa": best_sdpa(q, k, v, grad_out, device),
-                     "flex_dense": fwd_and_fwd_bwd(lambda: flex_dense(*flex_inputs), grad_out if train else None,
-                                                   device)}
-    config, achieved = calibrate_threshold(q, k, v, video_shape,
-                                           dataclasses.replace(setup.config, **GEOMETRIES[geometry]), target)
-    bsa = fwd_and_fwd_bwd(lambda: attention(q, k, v, video_shape, config), grad_out, device)
+        baselines = dense_baselines(q, k, v, grad_out, device)
+    config, achieved, ran = calibrate_threshold(
+        q, k, v, video_shape, dataclasses.replace(setup.config, kernel=kernel, **GEOMETRIES[geometry]), target)
+    bsa = fwd_and_fwd_bwd(lambda: attention(q, k, v, video_shape, config), grad_out, device, host=True)
+    if profile_dir is not None:
+        os.makedirs(profile_dir, exist_ok=True)
+        step = ((lambda: attention(q, k, v, video_shape, config).backward(grad_out)) if train else
+                (lambda: attention(q, k, v, video_shape, config)))
+        profile_table(step, device, os.path.join(profile_dir, f"profile-{math.prod(video_shape)}-"
+                                                 f"{geometry.replace(' ', '')}-{ran}.txt"))
     row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
-           "geometry": geometry, "query_keep_ratio": config.query_keep_ratio, "sparsity": achieved,
+           "geometry": geometry, "kernel": ran, "query_keep_ratio": config.query_keep_ratio, "sparsity": achieved,
            "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines}
-    sdpa, dense = baselines["sdpa"], baselines["flex_dense"]
-    for mode in ("fwd", "fwd_bwd"):
-        if bsa[mode] is not None:
-            row[f"speedup_vs_sdpa_{mode}"] = sdpa[mode] / bsa[mode]
-            if dense[mode] is not None:
-                row[f"speedup_vs_flex_dense_{mode}"] = dense[mode] / bsa[mode]
+    for name in ("sdpa", "flex_dense", "flash_dense"):
+        dense = baselines.get(name, {})
+        for mode in ("fwd", "fwd_bwd"):
+            if bsa[mode] is not None and dense.get(mode) is not None:
+                row[f"speedup_vs_{name}_{mode}"] = dense[mode] / bsa[mode]
     if breakdown:
         args = (setup.heads, setup.head_dim, video_shape, setup.dtype, device)
         sdpa_backend = SDPA_BACKENDS[baselines["sdpa"]["backend"]]
@@ -222,13 +290,15 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, *, break
                 return F.scaled_dot_product_attention(q, k, v)
         row["layer_peak_gib"] = {"sdpa": layer_peak_gib(sdpa_attend, *args),
                                  "bsa": layer_peak_gib(lambda q, k, v: attention(q, k, v, video_shape, config), *args)}
-        stages = stage_breakdown(q, k, v, video_shape, config, grad_out if train else None, device)
+        stages = stage_breakdown(q, k, v, video_shape, config, ran, grad_out if train else None, device)
         stages["rest_fwd_ms"] = bsa["fwd"] - stages["select_ms"] - stages["block_mask_ms"] - stages["kernel_fwd"]
         stages["outside_kernel_fwd"] = 1.0 - stages["kernel_fwd"] / bsa["fwd"]
         if stages["kernel_fwd_bwd"] is not None:
             stages["outside_kernel_fwd_bwd"] = 1.0 - stages["kernel_fwd_bwd"] / bsa["fwd_bwd"]
-            # how close the kernel gets to dense Flex divided by the compute fraction
-            stages["kernel_vs_density_ideal"] = dense["fwd_bwd"] * (1.0 - achieved) / stages["kernel_fwd_bwd"]
+            # how close the kernel gets to the same kernel's dense time divided by the compute fraction
+            dense = baselines.get("flash_dense" if ran == "flash" else "flex_dense", {})
+            if dense.get("fwd_bwd") is not None:
+                stages["kernel_vs_density_ideal"] = dense["fwd_bwd"] * (1.0 - achieved) / stages["kernel_fwd_bwd"]
         row["stages"] = stages
     return row, baselines
 
@@ -250,10 +320,11 @@ def markdown(result: dict) -> str:
              f"{', triton ' + env['triton'] if 'triton' in env else ''}, {env['date']})", "",
              f"B=1, {result['setup']['heads']} heads, D={result['setup']['head_dim']}, {result['setup']['dtype']}; "
              f"config {result['setup']['config']}; times are medians in ms.", "",
-             "| tokens | geometry | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd | Flex dense fwd / fwd+bwd "
-             "| BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd | kernel alone fwd+bwd | outside kernel fwd+bwd "
+             "| tokens | geometry | kernel | target | achieved sparsity | SDPA (backend) fwd / fwd+bwd "
+             "| Flex dense Triton / FLASH fwd+bwd | BSA fwd / fwd+bwd | speed-up vs SDPA fwd / fwd+bwd "
+             "| speed-up vs dense FLASH fwd / fwd+bwd | kernel alone fwd / fwd+bwd | outside kernel fwd / fwd+bwd "
              "| kernel vs density-ideal | peak GiB SDPA / BSA | in a layer: GiB SDPA / BSA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(x):
         return "-" if x is None else f"{x:.2f}"
@@ -261,25 +332,37 @@ def markdown(result: dict) -> str:
     def share(x):
         return "-" if x is None else f"{x:.0%}"
 
+    def times(x):
+        return "-" if x is None else f"{x:.2f}x"
+
     for r in result["rows"]:
-        s, d, b, stages = r["sdpa"], r["flex_dense"], r["bsa"], r.get("stages", {})
+        s, b, stages = r["sdpa"], r["bsa"], r.get("stages", {})
+        triton_dense, flash_dense = r["flex_dense"], r.get("flash_dense", {})
+        layer = r.get("layer_peak_gib", {})
         lines.append(
-            f"| {r['tokens']:,} | {r['geometry']} | {r['target_sparsity']:.2f} | {r['sparsity']:.3f} | "
-            f"{ms(s['fwd'])} / {ms(s['fwd_bwd'])} ({s['backend']}) | {ms(d['fwd'])} / {ms(d['fwd_bwd'])} | "
-            f"{ms(b['fwd'])} / {ms(b['fwd_bwd'])} | {r.get('speedup_vs_sdpa_fwd', 0):.2f}x / "
-            f"{'-' if 'speedup_vs_sdpa_fwd_bwd' not in r else format(r['speedup_vs_sdpa_fwd_bwd'], '.2f') + 'x'} | "
-            f"{ms(stages.get('kernel_fwd_bwd'))} | {share(stages.get('outside_kernel_fwd_bwd'))} | "
+            f"| {r['tokens']:,} | {r['geometry']} | {r['kernel']} | {r['target_sparsity']:.2f} | {r['sparsity']:.3f} | "
+            f"{ms(s['fwd'])} / {ms(s['fwd_bwd'])} ({s['backend']}) | "
+            f"{ms(triton_dense.get('fwd_bwd'))} / {ms(flash_dense.get('fwd_bwd'))} | "
+            f"{ms(b['fwd'])} / {ms(b['fwd_bwd'])} | "
+            f"{times(r.get('speedup_vs_sdpa_fwd'))} / {times(r.get('speedup_vs_sdpa_fwd_bwd'))} | "
+            f"{times(r.get('speedup_vs_flash_dense_fwd'))} / {times(r.get('speedup_vs_flash_dense_fwd_bwd'))} | "
+            f"{ms(stages.get('kernel_fwd'))} / {ms(stages.get('kernel_fwd_bwd'))} | "
+            f"{share(stages.get('outside_kernel_fwd'))} / {share(stages.get('outside_kernel_fwd_bwd'))} | "
             f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} | "
-            f"{ms(r.get('layer_peak_gib', {}).get('sdpa'))} / {ms(r.get('layer_peak_gib', {}).get('bsa'))} |")
+            f"{ms(layer.get('sdpa'))} / {ms(layer.get('bsa'))} |")
     lines += ["", *crossover_lines(result["rows"])]
     return "\n".join(lines) + "\n"
 
 
-def _sweep_rows(rows: list[dict], target: float) -> list[dict]:
-    """Rows of the default geometry at one target sparsity, by sequence length."""
+def _sweep_rows(rows: list[dict], target: float, kernel: str) -> list[dict]:
+    """Rows of the default geometry on one kernel at one target sparsity, by sequence length."""
     default = next(iter(GEOMETRIES))
-    return sorted((r for r in rows if r["target_sparsity"] == target and r["geometry"] == default),
-                  key=lambda r: r["tokens"])
+    return sorted((r for r in rows if r["target_sparsity"] == target and r["geometry"] == default
+                   and r["kernel"] == kernel), key=lambda r: r["tokens"])
+
+
+def _targets_and_kernels(rows: list[dict]) -> list[tuple[float, str]]:
+    return sorted({(r["target_sparsity"], r["kernel"]) for r in rows})
 
 
 def _speedup_key(rows: list[dict]) -> str:
@@ -287,10 +370,10 @@ def _speedup_key(rows: list[dict]) -> str:
 
 
 def crossover_lines(rows: list[dict]) -> list[str]:
-    """Per target sparsity: the shortest measured sequence from which BSA beats the best SDPA."""
+    """Per target sparsity and kernel: the shortest measured sequence from which BSA beats the best SDPA."""
     lines = []
-    for target in sorted({r["target_sparsity"] for r in rows}):
-        sweep = _sweep_rows(rows, target)
+    for target, kernel in _targets_and_kernels(rows):
+        sweep = _sweep_rows(rows, target, kernel)
         if len(sweep) < 2:
             continue
         key = _speedup_key(sweep)
@@ -298,18 +381,18 @@ def crossover_lines(rows: list[dict]) -> list[str]:
         winning = [r["tokens"] for r in sweep if r[key] > 1.0 and (not losing or r["tokens"] > max(losing))]
         mode = "fwd+bwd" if key.endswith("fwd_bwd") else "fwd"
         if not winning:
-            lines.append(f"- sparsity {target:.2f}: BSA does not beat SDPA ({mode}) at any measured length.")
+            lines.append(f"- sparsity {target:.2f}, {kernel}: BSA does not beat SDPA ({mode}) at any measured length.")
         elif not losing:
-            lines.append(f"- sparsity {target:.2f}: BSA beats SDPA ({mode}) at every measured length, "
+            lines.append(f"- sparsity {target:.2f}, {kernel}: BSA beats SDPA ({mode}) at every measured length, "
                          f"from {sweep[0]['tokens']:,} tokens ({sweep[0][key]:.2f}x).")
         else:
-            lines.append(f"- sparsity {target:.2f}: BSA beats SDPA ({mode}) from {min(winning):,} tokens on; "
-                         f"not at {max(losing):,}.")
+            lines.append(f"- sparsity {target:.2f}, {kernel}: BSA beats SDPA ({mode}) from {min(winning):,} tokens "
+                         f"on; not at {max(losing):,}.")
     return lines
 
 
 def plot(result: dict, path: str) -> str | None:
-    """Speed-up over SDPA (fwd+bwd where measured) against tokens, one line per target sparsity."""
+    """Speed-up over SDPA (fwd+bwd where measured) against tokens, one line per target sparsity and kernel."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -317,12 +400,13 @@ def plot(result: dict, path: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plot written"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for target in sorted({r["target_sparsity"] for r in result["rows"]}):
-        rows = _sweep_rows(result["rows"], target)
+    for target, kernel in _targets_and_kernels(result["rows"]):
+        rows = _sweep_rows(result["rows"], target, kernel)
         if not rows:
             continue
         key = _speedup_key(rows)
-        ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker="o", label=f"sparsity {target:.2f}")
+        ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], marker="o",
+                label=f"sparsity {target:.2f}, {kernel}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
@@ -355,24 +439,26 @@ def _progress(total: int):
 PARTS = ("all", "wan", "sweep")
 
 
-def plan(quick: bool, part: str, sparsities) -> list[tuple[tuple[int, int, int], float, str, bool]]:
-    """(video shape, target sparsity, geometry, with stage breakdown) for every case to run.
+def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple(GEOMETRIES),
+         shapes=None) -> list[tuple[tuple[int, int, int], float, str, str, bool]]:
+    """(video shape, target sparsity, geometry, kernel, with stage breakdown) for every case to run.
 
     "wan": the two Wan2.1 cases in every geometry, the default one with the stage breakdown;
     "sweep": sequence lengths x sparsities in the default geometry (the Wan cases' default row
-    counts for both).
+    counts for both). Every case runs on every kernel; ``shapes`` keeps only those video shapes.
     """
     default = next(iter(GEOMETRIES))
     if quick:
-        return [((4, 8, 8), 0.5, default, True)]
+        return [((4, 8, 8), 0.5, default, kernel, True) for kernel in kernels]
     cases = []
     if part in ("all", "wan"):
         cases += [(shape, target, geometry, geometry == default) for shape, target in WAN_CASES
-                  for geometry in GEOMETRIES]
+                  for geometry in geometries]
     if part in ("all", "sweep"):
         cases += [(shape, s, default, False) for shape in SWEEP_SHAPES for s in sparsities
                   if part == "sweep" or (shape, s) not in WAN_CASES]
-    return cases
+    return [(shape, target, geometry, kernel, breakdown) for shape, target, geometry, breakdown in cases
+            for kernel in kernels if shapes is None or shape in shapes]
 
 
 def _write(result: dict, out: str, stem: str) -> str:
@@ -387,7 +473,8 @@ def _write(result: dict, out: str, stem: str) -> str:
 
 
 def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/results",
-        sparsities=SWEEP_SPARSITIES, part: str = "all") -> dict:
+        sparsities=SWEEP_SPARSITIES, part: str = "all", kernels=("auto",), geometries=tuple(GEOMETRIES),
+        shapes=None, profile: bool = False) -> dict:
     """Run the benchmark, write bench[-part].json / .md / .png under ``out``, return the result.
 
     The JSON and Markdown files are rewritten after every case, so a run cut short keeps what it measured.
@@ -397,16 +484,17 @@ def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/r
         setup = Setup(heads=2, head_dim=32, dtype=torch.float32, device=device, config=BSAConfig(block_size=32))
     else:
         setup = Setup(heads=12, head_dim=128, dtype=torch.bfloat16, device=device, config=BSAConfig())
-    cases = plan(quick, part, sparsities)
+    cases = plan(quick, part, sparsities, kernels, geometries, shapes)
     stem = "bench" if part == "all" else f"bench-{part}"
     setup_info = {"heads": setup.heads, "head_dim": setup.head_dim, "dtype": str(setup.dtype).replace("torch.", ""),
-                  "config": repr(setup.config), "geometries": GEOMETRIES,
+                  "config": repr(setup.config), "geometries": GEOMETRIES, "kernels_requested": list(kernels),
                   "inputs": f"bsa_flex.synthetic.video_qkv(sharpness={setup.sharpness})"}
     result = {"environment": environment(device), "setup": setup_info, "quick": quick, "part": part, "rows": []}
     baselines, bar = {}, _progress(len(cases))
-    for shape, target, geometry, breakdown in cases:
-        row, baselines[shape] = bench_case(shape, target, setup, geometry, breakdown=breakdown,
-                                           baselines=baselines.get(shape))
+    for shape, target, geometry, kernel, breakdown in cases:
+        row, baselines[shape] = bench_case(shape, target, setup, geometry, kernel, breakdown=breakdown,
+                                           baselines=baselines.get(shape),
+                                           profile_dir=os.path.join(out, "profiles") if profile else None)
         result["rows"].append(row)
         table = _write(result, out, stem)
         bar.update(1)
@@ -428,7 +516,27 @@ def main(argv=None) -> int:
                              "sequence lengths x sparsities; all: both (default)")
     parser.add_argument("--sparsities", default=",".join(map(str, SWEEP_SPARSITIES)),
                         help="target sparsities of the sequence-length sweep, comma-separated")
+    parser.add_argument("--kernel", default="auto",
+                        help=f"BSAConfig.kernel of the BSA rows, comma-separated (one row each): {', '.join(KERNELS)}")
+    parser.add_argument("--geometries", default=",".join(GEOMETRIES),
+                        help=f"geometries of the Wan cases, comma-separated: {', '.join(GEOMETRIES)}")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler tables of one BSA call per row under OUT/profiles/")
+    parser.add_argument("--shapes", default=None,
+                        help="only these video shapes, e.g. 16x28x52,40x48x80 (default: all of the part)")
     args = parser.parse_args(argv)
+    kernels = tuple(args.kernel.split(","))
+    if any(kernel not in KERNELS for kernel in kernels):
+        parser.error(f"--kernel takes {', '.join(KERNELS)} (comma-separated), got {args.kernel!r}")
+    geometries = tuple(args.geometries.split(","))
+    if any(g not in GEOMETRIES for g in geometries):
+        parser.error(f"--geometries takes {', '.join(GEOMETRIES)} (comma-separated), got {args.geometries!r}")
+    try:
+        shapes = None if args.shapes is None else {tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")}
+    except ValueError:
+        parser.error(f"--shapes must look like 16x28x52,40x48x80, got {args.shapes!r}")
+    if shapes is not None and any(len(shape) != 3 for shape in shapes):
+        parser.error(f"--shapes must look like 16x28x52,40x48x80, got {args.shapes!r}")
     try:
         sparsities = tuple(float(s) for s in args.sparsities.split(","))
     except ValueError:
@@ -437,7 +545,8 @@ def main(argv=None) -> int:
         parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities, part=args.part)
+    run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities, part=args.part, kernels=kernels,
+        geometries=geometries, shapes=shapes, profile=args.profile)
     return 0
 
 

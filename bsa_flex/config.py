@@ -8,6 +8,8 @@ import torch
 
 from masks import FILL_POLICIES, KV_RULES
 
+from .kernels import KERNELS
+
 __all__ = ["BSAConfig", "keep_count"]
 
 
@@ -63,6 +65,10 @@ class BSAConfig:
     mean + ``kv_zscore`` * std. ``min_kv_blocks`` most probable blocks and the query block's own
     tiles are always kept; ``max_kv_blocks`` (a budget) caps what the rule adds.
 
+    ``kernel`` picks the CUDA attention kernel: "flash" (FlashAttention-4 through FlexAttention's
+    FLASH backend), "triton" (FlexAttention's Triton kernel) or "auto" (FLASH wherever it can
+    run correctly, else Triton; the only value that runs on CPU). ``stats.kernel`` says which ran.
+
     ``kv_threshold`` and ``kv_zscore`` may be 0-dim float tensors: a schedule that updates such
     a tensor in place changes the threshold without recompiling, even inside a model compiled
     as a whole (a Python float there is a constant of the graph). The other fields set shapes
@@ -79,6 +85,7 @@ class BSAConfig:
     kv_zscore: float | torch.Tensor = 1.0
     fill: str = "most_similar"
     block_size: int = 128
+    kernel: str = "auto"
 
     def __post_init__(self):
         _check_real("query_keep_ratio", self.query_keep_ratio, 0.0, 1.0, low_open=True)
@@ -94,6 +101,8 @@ class BSAConfig:
             raise ValueError(f"BSAConfig.kv_rule must be one of {KV_RULES}, got {self.kv_rule!r}")
         if self.fill not in FILL_POLICIES:
             raise ValueError(f"BSAConfig.fill must be one of {FILL_POLICIES}, got {self.fill!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"BSAConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         _check_int("block_size", self.block_size, 16)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"BSAConfig.block_size must be a power of two >= 16, got {self.block_size}")

@@ -7,6 +7,7 @@ Both return (out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32 or None).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -15,7 +16,9 @@ from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from masks import TileLayout, build_block_mask, ordered_kv_blocks
 
-__all__ = ["BSAEagerWarning", "raster_score_mod", "attend_flex", "attend_blockwise"]
+from .kernels import flash_lse_to_natural_log
+
+__all__ = ["BSAEagerWarning", "raster_score_mod", "attend_flex", "attend_blockwise", "ATTEND"]
 
 
 class BSAEagerWarning(UserWarning):
@@ -31,20 +34,28 @@ def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: 
     return mod
 
 
-def _flex_kernel_options(block_size: int, device: torch.device) -> dict | None:
-    """Forward kernel tiles that divide a sparse block under 128 tokens (CUDA only).
+def _flex_kernel_options(kernel: str, block_size: int) -> dict | None:
+    """FlexAttention's kernel options for a kernel of :func:`bsa_flex.kernels.choose_kernel`.
 
-    There is no such setting for the backward: with blocks under 128 tokens torch 2.11 finds
-    no valid backward kernel, so ``attention`` refuses that combination up front.
+    CUDA names its backend, so that Flex never picks another one itself (its decoding kernel
+    for short query lists, say). Triton's forward needs tiles that divide blocks under 128
+    tokens; there is no such setting for the backward (torch 2.11 finds no valid kernel), so
+    ``attention`` refuses that combination up front.
     """
-    if device.type != "cuda" or block_size >= 128:
-        return None
-    return {"BLOCK_M": block_size, "BLOCK_N": block_size}
+    if kernel == "flash":
+        return {"BACKEND": "FLASH"}
+    if kernel == "triton":
+        return {"BACKEND": "TRITON", **({"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else {})}
+    return None  # FlexAttention's CPU template
 
 
 def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
-                score_mod: Callable | None):
-    """FlexAttention of compact queries over tile-major slots, skipping unselected KV blocks."""
+                score_mod: Callable | None, kernel: str):
+    """FlexAttention of compact queries over tile-major slots, skipping unselected KV blocks.
+
+    ``kernel``: "flash", "triton" (CUDA) or "flex_cpu". The LSE is in natural log on every
+    kernel; with "flash" it carries no gradient (FLASH's backward has none for it).
+    """
     if not torch.compiler.is_compiling():
         warnings.warn("bsa_flex: FlexAttention is running uncompiled (torch.compile disabled or fell back): "
                       "it computes the same function through the mask_mod, but at dense cost, "
@@ -54,13 +65,15 @@ def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLay
     result = flex_attention(
         q_kept, k_slots, v_slots, score_mod=mod, block_mask=build_block_mask(kv_blocks, layout),
         scale=scale, enable_gqa=q_kept.shape[1] != k_slots.shape[1],
-        kernel_options=_flex_kernel_options(layout.block_size, q_kept.device),
+        kernel_options=_flex_kernel_options(kernel, layout.block_size),
         return_aux=AuxRequest(lse=True) if with_lse else None,
     )
-    if with_lse:
-        out, aux = result
-        return out, aux.lse
-    return result, None
+    if not with_lse:
+        return result, None
+    out, aux = result
+    if kernel == "flash":
+        return out, flash_lse_to_natural_log(aux.lse.detach())
+    return out, aux.lse
 
 
 @torch.compiler.disable
@@ -95,3 +108,11 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: Ti
     lse = scores.logsumexp(-1)
     out = (scores - lse[..., None]).exp() @ values
     return out.reshape(B, Hq, Nq, D).to(q_kept.dtype), lse.reshape(B, Hq, Nq)
+
+
+# The attend function of each kernel of bsa_flex.kernels.choose_kernel: one object per kernel, so
+# that a compiled operator taking it as an argument guards on a stable identity.
+ATTEND = {"flash": functools.partial(attend_flex, kernel="flash"),
+          "triton": functools.partial(attend_flex, kernel="triton"),
+          "flex_cpu": functools.partial(attend_flex, kernel="flex_cpu"),
+          "blockwise": attend_blockwise}

@@ -19,7 +19,9 @@ class BSAStats:
     kept_query_fraction: real kept queries over S. kv_density: [B, Hq] fraction of (query block,
     KV block) pairs selected among those with real tokens. lse: [B, Hq, S] float32 natural-log
     softmax normaliser of the row each token's output comes from (None on the CPU FlexAttention
-    path, which has no LSE). path: "flex" or "blockwise", the attention path that ran.
+    path, which has no LSE; without gradient on the "flash" kernel). kernel: the attention kernel
+    that ran: "flash" (FlashAttention-4) or "triton" on CUDA, "flex_cpu" (FlexAttention's CPU
+    template) or "blockwise" (the CPU autograd path). path: "flex" or "blockwise".
     """
 
     sparsity: torch.Tensor
@@ -28,10 +30,15 @@ class BSAStats:
     kv_density: torch.Tensor
     selection: Selection
     lse: torch.Tensor | None
-    path: str
+    kernel: str
+
+    @property
+    def path(self) -> str:
+        """The attention path that ran: "flex" (FlexAttention on any kernel) or "blockwise"."""
+        return "blockwise" if self.kernel == "blockwise" else "flex"
 
 
-def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | None, path: str) -> BSAStats:
+def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | None, kernel: str) -> BSAStats:
     """Derive the statistics from a selection (small block-level tensors only)."""
     B, H, _ = selection.kept_valid.shape
     q_count = selection.kept_valid.view(B, H, -1, layout.block_size).sum(-1).float()  # [B, H, nq]
@@ -44,7 +51,7 @@ def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | 
     return BSAStats(
         sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
         kept_query_fraction=q_count.sum(-1).mean() / S, kv_density=kv_density,
-        selection=selection, lse=lse, path=path,
+        selection=selection, lse=lse, kernel=kernel,
     )
 
 
@@ -60,5 +67,5 @@ def concat_heads(parts: list[BSAStats]) -> BSAStats:
         kv_density=cat(p.kv_density for p in parts),
         selection=Selection(*(cat(fields) for fields in zip(*(p.selection for p in parts)))),
         lse=None if parts[0].lse is None else cat(p.lse for p in parts),
-        path=parts[0].path,
+        kernel=parts[0].kernel,
     )

@@ -13,11 +13,13 @@ def test_quick_benchmark_runs_on_cpu_and_writes_reports(tmp_path):
     row = result["rows"][0]
     assert 0.0 < row["sparsity"] < 1.0 and abs(row["sparsity"] - row["target_sparsity"]) < 0.1
     assert row["sdpa"]["backend"] in bench.SDPA_BACKENDS and row["bsa"]["fwd"] > 0
-    assert set(row["stages"]) >= {"select_ms", "block_mask_ms", "kernel_fwd", "rest_fwd_ms"}
-    assert "| 256 |" in (tmp_path / "bench.md").read_text()
+    assert set(row["stages"]) >= {"select_ms", "block_mask_ms", "kernel_fwd", "rest_fwd_ms", "kernel"}
+    assert row["kernel"] == row["stages"]["kernel"] == "flex_cpu"  # the kernel that ran, named in the row
+    assert "| 256 | keep 0.5 | flex_cpu |" in (tmp_path / "bench.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["--sparsities", "x"], ["--sparsities", "1.5"], ["--device", "tpu"]])
+@pytest.mark.parametrize("argv", [["--sparsities", "x"], ["--sparsities", "1.5"], ["--device", "tpu"],
+                                  ["--kernel", "cuda"], ["--geometries", "keep 0.9"], ["--shapes", "16x28"]])
 def test_bad_command_line_exits_with_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
@@ -27,9 +29,17 @@ def test_bad_command_line_exits_with_a_usage_error(argv, capsys):
 
 def test_wan_part_runs_both_wan_cases_in_every_geometry_and_breaks_down_the_default():
     cases = bench.plan(False, "wan", bench.SWEEP_SPARSITIES)
-    assert {(shape, target) for shape, target, _, _ in cases} == set(bench.WAN_CASES)
-    assert {geometry for _, _, geometry, _ in cases} == set(bench.GEOMETRIES)
-    assert all(breakdown == (geometry == "keep 0.5") for _, _, geometry, breakdown in cases)
+    assert {(shape, target) for shape, target, *_ in cases} == set(bench.WAN_CASES)
+    assert {geometry for _, _, geometry, _, _ in cases} == set(bench.GEOMETRIES)
+    assert all(breakdown == (geometry == "keep 0.5") for _, _, geometry, _, breakdown in cases)
+
+
+def test_every_case_runs_once_on_every_requested_kernel_and_shapes_filter_them():
+    one = bench.plan(False, "wan", bench.SWEEP_SPARSITIES)
+    both = bench.plan(False, "wan", bench.SWEEP_SPARSITIES, kernels=("flash", "triton"))
+    assert len(both) == 2 * len(one) and {case[3] for case in both} == {"flash", "triton"}
+    small = bench.plan(False, "wan", bench.SWEEP_SPARSITIES, shapes={(16, 28, 52)}, geometries=("keep 1.0",))
+    assert [(case[0], case[2]) for case in small] == [((16, 28, 52), "keep 1.0")]
 
 
 def test_all_parts_together_measure_each_case_once():

@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from bsa_flex.testing import configs, video_shapes
-from masks import build_block_mask, ordered_kv_blocks, tile_layout
+from masks import build_block_mask, ordered_kv_blocks, padding_mask_mod, slot_is_real, tile_layout
 from masks.ordering import stable_argsort
 
 CPU = torch.device("cpu")
@@ -101,3 +101,14 @@ def test_stable_argsort_inside_a_compiled_graph_equals_the_eager_sort():
     for descending in (False, True):
         compiled = torch.compile(lambda t: stable_argsort(t * 2.0, descending), fullgraph=True, dynamic=False)
         assert torch.equal(compiled(x), torch.argsort(x, dim=-1, descending=descending, stable=True))
+
+
+@given(configs(), video_shapes(), st.integers(0, 40), st.integers(0, 40))
+def test_slot_arithmetic_of_the_compiled_mask_mod_equals_slot_validity(config, video_shape, prefix, suffix):
+    """The compiled kernels' mask_mod computes padding from the slot index alone (no captured
+    buffer, which FLASH needs); it must agree with the layout on every slot."""
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU, prefix, suffix)
+    slots = torch.arange(layout.num_slots)
+    assert torch.equal(slot_is_real(slots, layout), layout.slot_valid)
+    mask_mod = padding_mask_mod(layout)
+    assert torch.equal(mask_mod(0, 0, 0, slots), layout.slot_valid)

@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import bsa_flex
 from bsa_flex import BSAConfig, BSARecompileWarning
 from bsa_flex.attention import _threshold_tensor, sparse_attention
-from bsa_flex.paths import attend_blockwise, attend_flex
+from bsa_flex.paths import ATTEND
 from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle
 from masks import tile_layout
@@ -83,7 +83,7 @@ def test_uncompiled_flex_computes_the_same_function_through_the_mask_mod(name):
     layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
     with pytest.warns(bsa_flex.BSAEagerWarning, match="uncompiled"):
         eager, _, _ = sparse_attention(q, k, v, _threshold_tensor(case.config.kv_rule_threshold, CPU), layout,
-                                       case.config, case.head_dim ** -0.5, None, attend_flex)
+                                       case.config, case.head_dim ** -0.5, None, ATTEND["flex_cpu"])
     tol = 1e-5 if case.dtype == torch.float32 else 1e-2
     torch.testing.assert_close(eager, compiled, atol=tol, rtol=tol)
 
@@ -93,7 +93,7 @@ def test_operator_compiles_as_one_graph_without_breaks():
     q, k, v = case.inputs(3)
     layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
     explanation = torch._dynamo.explain(sparse_attention)(
-        q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, attend_flex)
+        q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, ATTEND["flex_cpu"])
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
@@ -110,7 +110,7 @@ def test_compiled_graph_sorts_only_through_the_opaque_sort():
         return graph_module
 
     compiled = torch.compile(sparse_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True)
-    compiled(q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, attend_flex)
+    compiled(q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, ATTEND["flex_cpu"])
     sorts = [t for t in targets if "sort" in t]
     assert sorts and all("bsa_masks.stable_argsort" in t for t in sorts), sorts
 
@@ -198,7 +198,7 @@ def test_batch_equals_its_items_run_one_by_one():
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attend", [attend_blockwise, attend_flex], ids=["blockwise", "flex_uncompiled"])
+@pytest.mark.parametrize("attend", [ATTEND["blockwise"], ATTEND["flex_cpu"]], ids=["blockwise", "flex_uncompiled"])
 def test_whatever_padding_slots_hold_cannot_change_any_output(attend):
     case = CASES["gqa_padded"]  # (3, 5, 7) in 2x2x2 tiles: padding slots in partial blocks
     q, k, v = case.inputs(9)
@@ -229,7 +229,7 @@ def test_nothing_of_size_s_squared_is_materialised():
     q, k, v = (torch.empty(1, 2, S, 64) for _ in range(3))
 
     def operator(q, k, v, threshold):
-        return sparse_attention(q, k, v, threshold, layout, config, 0.125, None, attend_flex)
+        return sparse_attention(q, k, v, threshold, layout, config, 0.125, None, ATTEND["flex_cpu"])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

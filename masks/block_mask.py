@@ -7,7 +7,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from .layout import TileLayout
 from .ordering import stable_argsort
 
-__all__ = ["selection_mask_mod", "padding_mask_mod", "ordered_kv_blocks", "build_block_mask"]
+__all__ = ["selection_mask_mod", "padding_mask_mod", "slot_is_real", "ordered_kv_blocks", "build_block_mask"]
 
 
 def selection_mask_mod(kv_blocks: torch.Tensor, slot_valid: torch.Tensor, block_size: int):
@@ -23,7 +23,39 @@ def selection_mask_mod(kv_blocks: torch.Tensor, slot_valid: torch.Tensor, block_
     return mask_mod
 
 
-def padding_mask_mod(slot_valid: torch.Tensor):
+def _axis_real(coordinate, size: int, padded: int):
+    """coordinate < size, or no comparison at all where the axis has no padding."""
+    return None if size == padded else coordinate < size
+
+
+def slot_is_real(slot, layout: TileLayout):
+    """Whether each tile-major slot holds a real token, by integer arithmetic on the slot index.
+
+    Equal to ``layout.slot_valid[slot]`` (tested), but reads no tensor: a mask_mod built on it
+    captures no buffer, which FlexAttention's FLASH backend needs (torch 2.11: a captured buffer
+    broke its no-grad graphs), and it is never the trivial all-true mask (with which FLASH
+    would ignore the block lists).
+    """
+    (tt, th, tw), (wt, wh, ww) = layout.tile, layout.window
+    T, H, W = layout.video_shape
+    grid = [-(-n // t) for n, t in zip(layout.video_shape, layout.tile)]
+    tile, rest = slot // layout.tile_tokens, slot % layout.tile_tokens
+    window, offset = rest // layout.window_tokens, rest % layout.window_tokens
+    per_tile = (tt // wt, th // wh, tw // ww)
+    t = (tile // (grid[1] * grid[2])) * tt + (window // (per_tile[1] * per_tile[2])) * wt + offset // (wh * ww)
+    h = (tile // grid[2] % grid[1]) * th + (window // per_tile[2] % per_tile[1]) * wh + offset // ww % wh
+    w = (tile % grid[2]) * tw + (window % per_tile[2]) * ww + offset % ww
+    real = slot < layout.num_video_slots
+    for check in (_axis_real(t, T, grid[0] * tt), _axis_real(h, H, grid[1] * th), _axis_real(w, W, grid[2] * tw)):
+        if check is not None:
+            real = real & check
+    num_text = layout.num_prefix + layout.num_suffix
+    if num_text:
+        real = real | ((slot >= layout.text_slot_start) & (slot < layout.text_slot_start + num_text))
+    return real
+
+
+def padding_mask_mod(layout: TileLayout):
     """Padding keys masked, nothing else: what compiled kernels need inside partial blocks.
 
     Compiled, the block lists already restrict every query block to its selected KV blocks, so
@@ -32,7 +64,7 @@ def padding_mask_mod(slot_valid: torch.Tensor):
     """
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return slot_valid[kv_idx]
+        return slot_is_real(kv_idx, layout)
 
     return mask_mod
 
@@ -72,6 +104,6 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
         q_num_blocks=q_num, q_indices=q_indices,
         full_q_num_blocks=full_q_num, full_q_indices=full_q_indices,
         BLOCK_SIZE=(bs, bs),
-        mask_mod=(padding_mask_mod(layout.slot_valid) if torch.compiler.is_compiling()
+        mask_mod=(padding_mask_mod(layout) if torch.compiler.is_compiling()
                   else selection_mask_mod(kv_blocks, layout.slot_valid, bs)),
     )
