@@ -5,7 +5,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from bsa_flex.testing import configs, video_shapes
 from masks import build_block_mask, ordered_kv_blocks, padding_mask_mod, slot_is_real, tile_layout
-from masks.ordering import stable_argsort
+from masks.ordering import selected_first, stable_argsort, stable_ranks
 
 CPU = torch.device("cpu")
 
@@ -101,6 +101,35 @@ def test_stable_argsort_inside_a_compiled_graph_equals_the_eager_sort():
     for descending in (False, True):
         compiled = torch.compile(lambda t: stable_argsort(t * 2.0, descending), fullgraph=True, dynamic=False)
         assert torch.equal(compiled(x), torch.argsort(x, dim=-1, descending=descending, stable=True))
+
+
+@given(st.integers(1, 300), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_selected_first_equals_a_stable_descending_sort_of_the_selection(n, density, seed):
+    """The block lists' stream compaction gives exactly the order of the sort it replaces."""
+    x = torch.rand(4, n, generator=torch.Generator().manual_seed(seed)) < density
+    x[0], x[1] = True, False  # rows all selected and none selected
+    assert torch.equal(selected_first(x), torch.argsort(x.int(), dim=-1, descending=True, stable=True))
+
+
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_stable_ranks_order_like_a_stable_sort_with_ties_infinities_and_nan(n, distinct, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, distinct, (64, n), generator=g).float()  # many ties
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    where = torch.rand(x.shape, generator=g) < 0.2
+    x = torch.where(where, specials[torch.randint(0, 3, x.shape, generator=g)], x)
+    assert torch.equal(stable_ranks(x).argsort(-1), torch.argsort(x, dim=-1, stable=True))
+
+
+def test_compaction_and_ranks_inside_a_compiled_graph_equal_the_eager_sorts():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(3, 5, 37, generator=g) < 0.3
+    scores = torch.randint(0, 3, (3, 50, 8), generator=g).float()
+    compiled = torch.compile(lambda b, x: (selected_first(b.transpose(-1, -2)), stable_ranks(x * 1.0)),
+                             fullgraph=True, dynamic=False)
+    order, ranks = compiled(blocks, scores)
+    assert torch.equal(order, torch.argsort(blocks.transpose(-1, -2).int(), dim=-1, descending=True, stable=True))
+    assert torch.equal(ranks.argsort(-1), torch.argsort(scores, dim=-1, stable=True))
 
 
 @given(configs(), video_shapes(), st.integers(0, 40), st.integers(0, 40))

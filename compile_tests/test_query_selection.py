@@ -161,3 +161,22 @@ def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_r
     assert torch.equal(out, gather_tokens(out_kept, kept.fill_source))
     expected = torch.zeros_like(out_kept).scatter_add(2, kept.fill_source[..., None].expand(-1, -1, -1, 3), grad)
     torch.testing.assert_close(out_kept.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(attention_inputs(), configs(), st.integers(1, 4))
+def test_kept_queries_are_the_first_of_a_stable_sort_of_the_keep_order(inputs, config, levels):
+    """The closed form (ranks by pairwise comparison) keeps exactly what a stable sort of the
+    keep order would keep, ties included (queries quantised to a few levels make many)."""
+    from masks.query_selection import _keep_order_score, _unit_queries_by_window
+    q = (inputs.qkv[0] * levels).round() / levels
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
+    k, w, n = config.keep_per_window, layout.window_tokens, layout.num_windows
+    kept = select_queries(q, layout, k, config.fill)
+    if k < w:
+        score = _keep_order_score(_unit_queries_by_window(q, layout), layout)
+        first_k = torch.argsort(score, dim=-1, stable=True)[..., :k]
+        local = first_k.sort(-1).values
+    else:
+        local = torch.arange(w).expand(*q.shape[:2], n, w)
+    want = layout.slot_token[(torch.arange(n)[:, None] * w + local).flatten(2)]
+    assert torch.equal(kept.kept_token[..., :n * k], want)

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from .layout import TileLayout
-from .ordering import stable_argsort
+from .ordering import selected_first
 
 __all__ = ["selection_mask_mod", "padding_mask_mod", "slot_is_real", "ordered_kv_blocks", "build_block_mask"]
 
@@ -71,9 +71,7 @@ def padding_mask_mod(layout: TileLayout):
 
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
-    as_int = blocks.to(torch.int32)
-    indices = stable_argsort(as_int, descending=True).to(torch.int32)
-    return as_int.sum(-1, dtype=torch.int32).contiguous(), indices
+    return blocks.sum(-1, dtype=torch.int32).contiguous(), selected_first(blocks).to(torch.int32)
 
 
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
@@ -81,9 +79,9 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
 
     Selected blocks made only of real tokens go to the ``full`` lists (the kernel skips the
     mask_mod there); blocks mixing real and padding slots go to the partial lists. The
-    backward's query lists are the same lists of the transposed matrix, computed exactly as
-    Flex's ``from_kv_blocks`` does but with our opaque sort (Flex's own would compile a Triton
-    sort over the query blocks: minutes at Wan shapes). An earlier variant that built its own
+    backward's query lists are the same lists of the transposed matrix, equal to what Flex's
+    ``from_kv_blocks`` computes, but by a stream compaction instead of a sort (Flex's own sort
+    would compile as a Triton sort over the query blocks: minutes at Wan shapes). An earlier variant that built its own
     lists differently crashed the backward at 153,600 tokens (illegal memory access, torch
     2.11, H200); these are tested bit-identical to Flex's. Under torch.compile the mask_mod
     masks padding only; uncompiled it encodes the whole selection.
@@ -91,8 +89,8 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     bs = layout.block_size
     partial = kv_blocks & layout.kv_block_partial
     full = kv_blocks & ~layout.kv_block_partial
-    # four separate sorts: lists cut from one stacked sort broke Inductor's CPU Flex template
-    # (torch 2.13: C++ compile error, kv_num_blocks undeclared)
+    # four separate compactions: lists cut from one stacked sort broke Inductor's CPU Flex
+    # template (torch 2.13: C++ compile error, kv_num_blocks undeclared)
     kv_num, kv_indices = ordered_kv_blocks(partial)
     full_kv_num, full_kv_indices = ordered_kv_blocks(full)
     q_num, q_indices = ordered_kv_blocks(partial.transpose(-2, -1))

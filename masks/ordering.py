@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["stable_argsort"]
+__all__ = ["stable_argsort", "selected_first", "stable_ranks"]
 
 
 # Declared with torch.library.Library rather than torch.library.custom_op: the dispatcher then
@@ -19,6 +19,7 @@ __all__ = ["stable_argsort"]
 # time per call on our 2-core CPU, five calls per BSA call). Indices have no gradient.
 _LIB = torch.library.Library("bsa_masks", "DEF")
 _LIB.define("stable_argsort(Tensor x, bool descending) -> Tensor")
+_LIB.define("selected_first(Tensor x) -> Tensor")
 
 
 def _stable_argsort(x: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -33,6 +34,49 @@ def _(x: torch.Tensor, descending: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.int64, device=x.device)
 
 
+def _selected_first(x: torch.Tensor) -> torch.Tensor:
+    # A prefix sum gives every selected entry its slot and every other entry its slot after them;
+    # ATen's scan, not Inductor's: a scan Inductor generated failed at one shape (torch 2.11).
+    selected = x.contiguous().bool()  # contiguous lists, as the fake (and Flex) promise
+    position = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
+    selected_upto = selected.cumsum(-1)
+    slot = torch.where(selected, selected_upto - 1, selected_upto[..., -1:] + position - selected_upto)
+    return torch.empty_like(slot).scatter_(-1, slot, position)
+
+
+_LIB.impl("selected_first", _selected_first, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bsa_masks::selected_first")
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.int64, device=x.device)
+
+
 def stable_argsort(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """Indices [..., n] (int64) that sort ``x`` along its last dim; ties keep their order."""
     return torch.ops.bsa_masks.stable_argsort(x.detach(), descending)
+
+
+def selected_first(x: torch.Tensor) -> torch.Tensor:
+    """Indices [..., n] (int64) of the nonzero entries of x in order, then of the zero ones in order.
+
+    The same as ``stable_argsort(x != 0, descending=True)``, but a stream compaction: linear in
+    n, no sort.
+    """
+    return torch.ops.bsa_masks.selected_first(x.detach())
+
+
+def stable_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Rank [..., n] (int64) of each entry of x in a stable ascending sort along the last dim, NaN last.
+
+    ``stable_ranks(x).argsort(-1)`` equals ``stable_argsort(x)``. By pairwise comparison: for the
+    few entries of a query window (8) this is a fused elementwise kernel where a sort is not.
+    """
+    x = x.detach()
+    mine, other = x[..., :, None], x[..., None, :]
+    index = torch.arange(x.shape[-1], device=x.device)
+    other_is_earlier = index[None, :] < index[:, None]
+    mine_nan, other_nan = mine.isnan(), other.isnan()
+    ordered = mine_nan | (other < mine) | ((other == mine) & other_is_earlier)
+    precedes = torch.where(other_nan, mine_nan & other_is_earlier, ordered)
+    return precedes.sum(-1)

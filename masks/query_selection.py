@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .layout import TileLayout
-from .ordering import stable_argsort
+from .ordering import stable_ranks
 
 __all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major",
            "fill_candidates", "fill_from_kept"]
@@ -166,8 +166,19 @@ def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int) -> tuple[torch
     if k == w:
         return torch.arange(w, device=q.device).expand(B, H, n, w), None
     unit_q = _unit_queries_by_window(q, layout)
-    first_k = stable_argsort(_keep_order_score(unit_q, layout))[..., :k]
-    return first_k.gather(-1, stable_argsort(first_k)), unit_q
+    return _kept_positions(stable_ranks(_keep_order_score(unit_q, layout)) < k, k), unit_q
+
+
+def _kept_positions(kept: torch.Tensor, k: int) -> torch.Tensor:
+    """Window positions [..., k] of the k True entries of kept [..., w], in ascending order.
+
+    By pairwise counts (how many kept entries precede each one), not a sort: windows are small.
+    """
+    w = kept.shape[-1]
+    position = torch.arange(w, device=kept.device)
+    kept_before = (kept[..., None, :] & (position[None, :] < position[:, None])).sum(-1)  # [..., w]
+    is_slot = kept[..., None, :] & (kept_before[..., None, :] == torch.arange(k, device=kept.device)[:, None])
+    return (is_slot * position).sum(-1)  # [..., k]: the one position that fills each slot
 
 
 def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
