@@ -33,7 +33,7 @@ from masks import build_block_mask, tile_layout
 from .attention import _compile, _threshold_tensor, attention, select_sparse
 from .config import BSAConfig
 from .kernels import KERNELS
-from .paths import _flex_kernel_options
+from .paths import flex_kernel_options
 from .synthetic import video_qkv
 
 WAN_CASES = [((16, 28, 52), 0.93), ((40, 48, 80), 0.95)]  # Wan2.1-1.3B at 480p-ish / 720p-ish
@@ -215,7 +215,7 @@ def stage_breakdown(q, k, v, video_shape, config: BSAConfig, kernel: str, grad_o
         ops = select(q, k, v)
         block_mask = build_mask(ops.kv_blocks)
     operands = [t.detach().requires_grad_(grad_out is not None) for t in (ops.q_kept, ops.k_slots, ops.v_slots)]
-    options = _flex_kernel_options(kernel, config.block_size)
+    options = flex_kernel_options(kernel, config.block_size)
     attend = _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
                                                      enable_gqa=q.shape[1] != k.shape[1], kernel_options=options))
     with torch.no_grad():

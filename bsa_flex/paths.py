@@ -18,7 +18,7 @@ from masks import TileLayout, build_block_mask, ordered_kv_blocks
 
 from .kernels import flash_lse_to_natural_log
 
-__all__ = ["BSAEagerWarning", "raster_score_mod", "attend_flex", "attend_blockwise", "ATTEND"]
+__all__ = ["BSAEagerWarning", "raster_score_mod", "flex_kernel_options", "attend_flex", "attend_blockwise", "ATTEND"]
 
 
 class BSAEagerWarning(UserWarning):
@@ -34,7 +34,7 @@ def raster_score_mod(score_mod: Callable, kept_token: torch.Tensor, slot_token: 
     return mod
 
 
-def _flex_kernel_options(kernel: str, block_size: int) -> dict | None:
+def flex_kernel_options(kernel: str, block_size: int) -> dict | None:
     """FlexAttention's kernel options for a kernel of :func:`bsa_flex.kernels.choose_kernel`.
 
     CUDA names its backend, so that Flex never picks another one itself (its decoding kernel
@@ -65,7 +65,7 @@ def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLay
     result = flex_attention(
         q_kept, k_slots, v_slots, score_mod=mod, block_mask=build_block_mask(kv_blocks, layout),
         scale=scale, enable_gqa=q_kept.shape[1] != k_slots.shape[1],
-        kernel_options=_flex_kernel_options(kernel, layout.block_size),
+        kernel_options=flex_kernel_options(kernel, layout.block_size),
         return_aux=AuxRequest(lse=True) if with_lse else None,
     )
     if not with_lse:

@@ -1,6 +1,6 @@
 """BlockMask construction: block lists, full/partial split, and the mask_mod that mirrors them."""
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from bsa_flex.testing import configs, video_shapes
@@ -141,3 +141,16 @@ def test_slot_arithmetic_of_the_compiled_mask_mod_equals_slot_validity(config, v
     assert torch.equal(slot_is_real(slots, layout), layout.slot_valid)
     mask_mod = padding_mask_mod(layout)
     assert torch.equal(mask_mod(0, 0, 0, slots), layout.slot_valid)
+
+
+@settings(max_examples=20)
+@given(configs(), video_shapes())
+def test_the_compiled_mask_mod_is_never_the_trivial_one_flash_would_skip(config, video_shape):
+    """FLASH ignores the block lists under a mask_mod whose graph is a constant full()
+    (pytorch#188322): even without padding ours must compute something from kv_idx."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU)
+    index = torch.zeros((), dtype=torch.int32)
+    graph = make_fx(padding_mask_mod(layout))(index, index, index, index).graph
+    output = next(node for node in graph.nodes if node.op == "output").args[0]
+    assert output.target is not torch.ops.aten.full.default

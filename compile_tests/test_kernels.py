@@ -106,3 +106,9 @@ def test_the_choice_is_logged_once(caplog):
     lines = [r.getMessage() for r in caplog.records if "kernel" in r.getMessage()]
     assert lines == ["bsa_flex: attention runs on the triton kernel; FLASH passed over: "
                      "FLASH takes float16 or bfloat16 inputs, not float32"]
+
+
+def test_bsattention_passes_the_kernel_choice_to_attention():
+    layer = bsa_flex.BSAttention(32, 2, bsa=BSAConfig(block_size=16, kernel="triton"))
+    with pytest.raises(ValueError, match="kernel='triton' names a CUDA kernel"):
+        layer(torch.randn(1, 64, 32), (4, 4, 4))
