@@ -12,7 +12,7 @@ import torch
 from masks import (KeptQueries, Selection, TileLayout, fill_from_kept, gather_tokens, kv_block_probs, own_kv_blocks,
                    pool_blocks, select_kv_blocks, select_queries, tile_layout, to_tile_major, video_query_rows)
 
-from ._checks import check_inputs, check_text_tokens
+from .validation import check_inputs, check_text_tokens
 from .config import BSAConfig
 from .kernels import announce_kernel, choose_kernel, kernel_facts
 from .paths import ATTEND, BSAEagerWarning

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -32,6 +31,7 @@ from masks import build_block_mask, tile_layout
 
 from .attention import _compile, _threshold_tensor, attention, select_sparse
 from .config import BSAConfig
+from .extras import environment, progress, pyplot_or_none
 from .kernels import KERNELS
 from .paths import flex_kernel_options
 from .synthetic import video_qkv
@@ -303,17 +303,6 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
     return row, baselines
 
 
-def environment(device: torch.device) -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "device": str(device), "python": sys.version.split()[0]}
-    if device.type == "cuda":
-        import triton
-        info.update(card=torch.cuda.get_device_name(device), triton=triton.__version__)
-    else:
-        info.update(card="CPU")
-    return info
-
-
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# bsa-flex benchmark ({env['card']}, torch {env['torch']}"
@@ -393,11 +382,8 @@ def crossover_lines(rows: list[dict]) -> list[str]:
 
 def plot(result: dict, path: str) -> str | None:
     """Speed-up over SDPA (fwd+bwd where measured) against tokens, one line per target sparsity and kernel."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plot written"
     fig, ax = plt.subplots(figsize=(6, 4))
     for target, kernel in _targets_and_kernels(result["rows"]):
@@ -417,23 +403,6 @@ def plot(result: dict, path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
-
-
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc="bsa-flex bench", unit="case")
-    except ImportError:
-        class Plain:
-            done = 0
-
-            def update(self, n=1):
-                Plain.done += n
-                print(f"bsa-flex bench: {Plain.done}/{total} cases", flush=True)
-
-            def close(self):
-                pass
-        return Plain()
 
 
 PARTS = ("all", "wan", "sweep")
@@ -490,7 +459,7 @@ def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/r
                   "config": repr(setup.config), "geometries": GEOMETRIES, "kernels_requested": list(kernels),
                   "inputs": f"bsa_flex.synthetic.video_qkv(sharpness={setup.sharpness})"}
     result = {"environment": environment(device), "setup": setup_info, "quick": quick, "part": part, "rows": []}
-    baselines, bar = {}, _progress(len(cases))
+    baselines, bar = {}, progress(len(cases), "bsa-flex bench")
     for shape, target, geometry, kernel, breakdown in cases:
         row, baselines[shape] = bench_case(shape, target, setup, geometry, kernel, breakdown=breakdown,
                                            baselines=baselines.get(shape),

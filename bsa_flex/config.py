@@ -9,42 +9,9 @@ import torch
 from masks import FILL_POLICIES, KV_RULES
 
 from .kernels import KERNELS
+from .validation import check_choice, check_int, check_real, check_triple
 
 __all__ = ["BSAConfig", "keep_count"]
-
-
-def _check_real(name: str, value, low: float, high: float, *, low_open: bool = False,
-                tensor_ok: bool = False) -> None:
-    if tensor_ok and isinstance(value, torch.Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise TypeError(f"BSAConfig.{name} as a tensor must be a 0-dim floating tensor, "
-                            f"got shape {tuple(value.shape)} {value.dtype}")
-        value = float(value)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a float or a 0-dim float tensor" if tensor_ok else "a float"
-        raise TypeError(f"BSAConfig.{name} must be {kind}, got {type(value).__name__}")
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-        lo = "(" if low_open else "["
-        raise ValueError(f"BSAConfig.{name} must be a finite number in {lo}{low}, {high}], got {value!r}")
-
-
-def _check_int(name: str, value, low: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"BSAConfig.{name} must be {kind}, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"BSAConfig.{name} must be >= {low}, got {value}")
-
-
-def _check_triple(name: str, value) -> tuple[int, int, int]:
-    if not isinstance(value, (tuple, list)) or len(value) != 3 or any(
-            isinstance(n, bool) or not isinstance(n, int) for n in value):
-        raise TypeError(f"BSAConfig.{name} must be three ints (t, h, w), got {value!r}")
-    if any(n < 1 for n in value):
-        raise ValueError(f"BSAConfig.{name} must be three positive ints (t, h, w), got {value!r}")
-    return tuple(value)
 
 
 def keep_count(query_keep_ratio: float, window_tokens: int) -> int:
@@ -88,22 +55,19 @@ class BSAConfig:
     kernel: str = "auto"
 
     def __post_init__(self):
-        _check_real("query_keep_ratio", self.query_keep_ratio, 0.0, 1.0, low_open=True)
-        _check_real("kv_threshold", self.kv_threshold, 0.0, 1.0, low_open=True, tensor_ok=True)
-        _check_real("kv_zscore", self.kv_zscore, -1e6, 1e6, tensor_ok=True)
-        object.__setattr__(self, "tile", _check_triple("tile", self.tile))
-        object.__setattr__(self, "window", _check_triple("window", self.window))
+        check_real("BSAConfig.query_keep_ratio", self.query_keep_ratio, 0.0, 1.0, low_open=True)
+        check_real("BSAConfig.kv_threshold", self.kv_threshold, 0.0, 1.0, low_open=True, tensor_ok=True)
+        check_real("BSAConfig.kv_zscore", self.kv_zscore, -1e6, 1e6, tensor_ok=True)
+        object.__setattr__(self, "tile", check_triple("BSAConfig.tile", self.tile))
+        object.__setattr__(self, "window", check_triple("BSAConfig.window", self.window))
         if any(t % w for t, w in zip(self.tile, self.window)):
             raise ValueError(f"BSAConfig.window {self.window} must divide BSAConfig.tile {self.tile} on every axis")
-        _check_int("min_kv_blocks", self.min_kv_blocks, 0)
-        _check_int("max_kv_blocks", self.max_kv_blocks, 1, optional=True)
-        if self.kv_rule not in KV_RULES:
-            raise ValueError(f"BSAConfig.kv_rule must be one of {KV_RULES}, got {self.kv_rule!r}")
-        if self.fill not in FILL_POLICIES:
-            raise ValueError(f"BSAConfig.fill must be one of {FILL_POLICIES}, got {self.fill!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"BSAConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
-        _check_int("block_size", self.block_size, 16)
+        check_int("BSAConfig.min_kv_blocks", self.min_kv_blocks, 0)
+        check_int("BSAConfig.max_kv_blocks", self.max_kv_blocks, 1, optional=True)
+        check_choice("BSAConfig.kv_rule", self.kv_rule, KV_RULES)
+        check_choice("BSAConfig.fill", self.fill, FILL_POLICIES)
+        check_choice("BSAConfig.kernel", self.kernel, KERNELS)
+        check_int("BSAConfig.block_size", self.block_size, 16)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"BSAConfig.block_size must be a power of two >= 16, got {self.block_size}")
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from ._checks import check_operands, check_text_tokens, check_video_shape
+from .validation import check_operands, check_text_tokens, check_video_shape, is_integer
 from .attention import run_operator, sparse_attention
 from .config import BSAConfig
 from .stats import BSAStats, concat_heads
@@ -87,7 +87,7 @@ def heads_to_sequence(x: torch.Tensor, world: int, group) -> torch.Tensor:
 def check_ulysses_shapes(q_heads: int, kv_heads: int, shard_len: int, video_shape, world: int,
                          text_tokens: tuple[int, int] = (0, 0)) -> tuple:
     """Raise a ValueError that says what to change when the heads or the sequence do not split."""
-    if isinstance(video_shape, (tuple, list)) and all(isinstance(n, int) and n > 0 for n in video_shape):
+    if isinstance(video_shape, (tuple, list)) and all(is_integer(n) and n > 0 for n in video_shape):
         S = math.prod(video_shape) + sum(text_tokens)
         if S % world:
             raise ValueError(f"the sequence of {S} tokens (video_shape {tuple(video_shape)}, text {text_tokens}) "
@@ -149,7 +149,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
 
 
 def _check_head_chunks(head_chunks, q_heads_per_rank: int, kv_heads_per_rank: int) -> None:
-    if isinstance(head_chunks, bool) or not isinstance(head_chunks, int) or head_chunks < 1:
+    if not is_integer(head_chunks) or head_chunks < 1:
         raise ValueError(f"head_chunks must be an int >= 1, got {head_chunks!r}")
     if q_heads_per_rank % head_chunks or kv_heads_per_rank % head_chunks:
         raise ValueError(f"head_chunks={head_chunks} must divide the heads each rank attends "

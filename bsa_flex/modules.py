@@ -13,6 +13,7 @@ from torch import nn
 from .attention import attention
 from .config import BSAConfig, keep_count
 from .schedule import LayerSparsity
+from .validation import is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -141,10 +142,10 @@ class BSAttention(nn.Module):
                  bias: bool = True):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"BSAttention {name} must be a positive int, got {value!r}")
         kv_heads = heads if kv_heads is None else kv_heads
-        if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        if not is_integer(kv_heads) or kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"BSAttention kv_heads must be a positive int dividing heads={heads}, got {kv_heads!r}")
         if head_dim is None:
             if dim % heads:

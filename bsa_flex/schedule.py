@@ -1,9 +1,10 @@
 """SparsitySchedule: dense warm-up, then a stair ramp of BSA's knobs to their final values."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
+
+from .validation import check_int, check_real, is_integer
 
 __all__ = ["LayerSparsity", "SparsitySchedule"]
 
@@ -18,18 +19,12 @@ class LayerSparsity(NamedTuple):
     kv_threshold: float  # BSA KV threshold (ignored when dense)
 
 
-def _check_fraction(name: str, value, *, low_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"SparsitySchedule.{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value > 1.0 or value < 0.0 or (low_open and value == 0.0):
-        raise ValueError(f"SparsitySchedule.{name} must lie in (0, 1], got {value!r}")
+def _check_fraction(name: str, value) -> None:
+    check_real(f"SparsitySchedule.{name}", value, 0.0, 1.0, low_open=True)
 
 
 def _check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SparsitySchedule.{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"SparsitySchedule.{name} must be >= {low}, got {value}")
+    check_int(f"SparsitySchedule.{name}", value, low)
 
 
 @dataclass(frozen=True)
@@ -71,7 +66,7 @@ class SparsitySchedule:
             raise TypeError(f"SparsitySchedule.layer_overrides must map layer index -> dict, "
                             f"got {type(self.layer_overrides).__name__}")
         for layer, override in self.layer_overrides.items():
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            if not is_integer(layer) or layer < 0:
                 raise TypeError(f"SparsitySchedule.layer_overrides keys must be layer indices >= 0, got {layer!r}")
             unknown = set(override) - set(_OVERRIDABLE)
             if unknown:

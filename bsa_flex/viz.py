@@ -16,6 +16,8 @@ from masks import Selection
 from .attention import attention
 from .config import BSAConfig
 from .modules import BSAttention, layer_stats, rope_3d
+from .extras import pyplot
+from .validation import is_integer
 from .schedule import SparsitySchedule
 from .synthetic import video_qkv
 
@@ -23,13 +25,7 @@ __all__ = ["kept_query_map", "plot_kept_queries", "plot_kv_blocks", "plot_sparsi
 
 
 def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("bsa_flex.viz needs matplotlib: pip install 'bsa-flex[viz]'") from error
-    return plt
+    return pyplot("bsa_flex.viz")
 
 
 def _selection(stats_or_selection) -> Selection:
@@ -40,7 +36,7 @@ def _selection(stats_or_selection) -> Selection:
 
 
 def _check_index(name: str, value: int, size: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+    if not is_integer(value) or not 0 <= value < size:
         raise ValueError(f"{name} must be an int in [0, {size}), got {value!r}")
 
 

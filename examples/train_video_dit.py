@@ -32,6 +32,7 @@ from torch import nn
 
 import bsa_flex
 from bsa_flex import BSAConfig, BSAttention, SparsitySchedule, layer_stats, rope_3d
+from bsa_flex.extras import environment, progress, pyplot_or_none
 from masks import FILL_POLICIES, tile_layout, token_mask
 
 
@@ -187,14 +188,6 @@ def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype) -> torch.Te
 
 # ----------------------------------------------------------------------------- one arm
 
-def progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, leave=False)
-    except ImportError:
-        return None
-
-
 def train_arm(name: str, args, bsa: BSAConfig | None, schedule: SparsitySchedule | None, val_clips, device) -> dict:
     """Train one arm; return its curves, timings, sparsity record and the model."""
     torch.manual_seed(args.seed)  # the same initial weights in both arms
@@ -203,7 +196,7 @@ def train_arm(name: str, args, bsa: BSAConfig | None, schedule: SparsitySchedule
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     record = {"arm": name, "train_loss": [], "val": [], "sparsity": [], "step_ms": []}
-    bar = progress(args.steps, name)
+    bar = progress(args.steps, name, quiet_without_tqdm=True)
     for step in range(args.steps):
         if schedule is not None:
             schedule.apply(model.attention_layers, step)
@@ -300,11 +293,8 @@ def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, d
 # ----------------------------------------------------------------------------- reports
 
 def plot_losses(records: list[dict], path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plots written"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for record in records:
@@ -327,11 +317,8 @@ def plot_losses(records: list[dict], path: str) -> str | None:
 
 def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> str | None:
     """A grid: one row per source (data, each arm), ``frames`` frames of the first clip, channels 0-2 as RGB."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return "matplotlib is not installed: no sample grid written"
     frames = min(frames, next(iter(rows.values())).shape[2])
     fig, axes = plt.subplots(len(rows), frames, figsize=(1.6 * frames, 1.7 * len(rows)), squeeze=False)
@@ -358,18 +345,6 @@ def draw_plots(out: str, records: list[dict], samples: dict) -> list[str]:
     notes = [plot_losses(records, os.path.join(out, "loss.png")),
              plot_samples(samples, os.path.join(out, "samples.png")) if samples else "no samples: no sample grid"]
     return [n for n in notes if n]
-
-
-def environment(device) -> dict:
-    info = {"torch": torch.__version__, "device": str(device),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if device.type == "cuda":
-        import triton
-        info.update(card=torch.cuda.get_device_name(device), triton=triton.__version__,
-                    device_id=str(getattr(torch.cuda.get_device_properties(device), "uuid", device)))
-    else:
-        info.update(card="CPU", device_id="cpu")
-    return info
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,14 +1,67 @@
-"""Validation of everything a user hands to ``bsa_flex.attention``."""
+"""Validation of everything a user hands to bsa_flex: the one set of validators that the config,
+the schedule, the modules, Ulysses, the CLI and ``attention`` share. Each raises a TypeError or
+ValueError that names the argument and what it must be."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .config import BSAConfig
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def is_integer(value) -> bool:
+    """An integer (Python, numpy or a 0-dim integer tensor's item), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number (int or float, Python or numpy), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, low: int | None = None, *, optional: bool = False) -> None:
+    """``value`` is an int (or None where ``optional``) of at least ``low``."""
+    if optional and value is None:
+        return
+    if not is_integer(value):
+        kind = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def check_real(name: str, value, low: float, high: float, *, low_open: bool = False,
+               tensor_ok: bool = False) -> None:
+    """``value`` is a finite number in [low, high] ((low, high] with ``low_open``); a 0-dim float
+    tensor too where ``tensor_ok`` (its current value is checked)."""
+    if tensor_ok and isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"{name} as a tensor must be a 0-dim floating tensor, "
+                            f"got shape {tuple(value.shape)} {value.dtype}")
+        value = float(value)
+    elif not is_real(value):
+        kind = "a float or a 0-dim float tensor" if tensor_ok else "a float"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {lo}{low}, {high}], got {value!r}")
+
+
+def check_triple(name: str, value) -> tuple[int, int, int]:
+    """Three positive ints (t, h, w), returned as a tuple of Python ints."""
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 3 or not all(map(is_integer, value)):
+        raise TypeError(f"{name} must be three ints (t, h, w), got {value!r}")
+    if any(n < 1 for n in value):
+        raise ValueError(f"{name} must be three positive ints (t, h, w), got {tuple(value)!r}")
+    return tuple(int(n) for n in value)
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_qkv(name: str, t) -> None:
@@ -27,20 +80,16 @@ def _check_qkv(name: str, t) -> None:
 def check_text_tokens(prefix_tokens, suffix_tokens) -> tuple[int, int]:
     """The counts of non-video tokens before and after the video, as non-negative ints."""
     for name, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise TypeError(f"{name} must be an int (non-video tokens, e.g. text), got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    return prefix_tokens, suffix_tokens
+    return int(prefix_tokens), int(suffix_tokens)
 
 
 def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
     """(T, H, W) as a tuple of positive ints whose product plus the non-video tokens is the sequence length."""
-    if not isinstance(video_shape, (tuple, list, torch.Size)) or len(video_shape) != 3 or any(
-            isinstance(n, bool) or not isinstance(n, int) for n in video_shape):
-        raise TypeError(f"video_shape must be three ints (T, H, W), got {video_shape!r}")
-    if any(n < 1 for n in video_shape):
-        raise ValueError(f"video_shape must be three positive ints (T, H, W), got {tuple(video_shape)}")
+    video_shape = check_triple("video_shape", video_shape)
     if math.prod(video_shape) + sum(text_tokens) != num_tokens:
         extra = "" if text_tokens == (0, 0) else f" plus {text_tokens[0]} prefix and {text_tokens[1]} suffix tokens"
         raise ValueError(f"video_shape {tuple(video_shape)} holds T*H*W = {math.prod(video_shape)} tokens{extra}, "
@@ -79,10 +128,11 @@ def check_operands(q, k, v, config, scale, enable_gqa, score_mod) -> None:
         raise ValueError(f"q has {Hq} heads but k and v have {Hkv}: pass enable_gqa=True for grouped-query attention")
     if Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
+    from .config import BSAConfig  # the config validates itself with this module
     if not isinstance(config, BSAConfig):
         raise TypeError(f"config must be a bsa_flex.BSAConfig or None, got {type(config).__name__}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not is_real(scale):
             raise TypeError(f"scale must be None or a float, got {type(scale).__name__}")
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a finite positive float, got {scale!r}")
