@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
-from masks import build_block_mask, tile_layout
+from masks import build_block_mask
 
-from .attention import _compile, _threshold_tensor, attention, select_sparse
+from .attention import attention, select_sparse
 from .config import BSAConfig
 from .extras import environment, progress, pyplot_or_none
 from .kernels import KERNELS
 from .paths import flex_kernel_options
+from .plan import BSAPlan
+from .runtime import compile_static, make_plan, threshold_tensor
 from .synthetic import video_qkv
 
 WAN_CASES = [((16, 28, 52), 0.93), ((40, 48, 80), 0.95)]  # Wan2.1-1.3B at 480p-ish / 720p-ish
@@ -95,6 +97,7 @@ def profile_table(fn: Callable, device: torch.device, path: str) -> None:
     """Write torch.profiler's tables (by device time, by host time) of one call of fn to path."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fn()
     with profile(activities=activities) as prof:
         fn()
@@ -181,7 +184,7 @@ def best_sdpa(q, k, v, grad_out, device) -> dict:
     return {"backend": winner, **ran[winner], "all": timings}
 
 
-def calibrate_threshold(q, k, v, video_shape, config: BSAConfig, target: float, steps: int = 14):
+def calibrate_threshold(q, k, v, video_shape, config: BSAConfig, target: float, *, steps: int = 14):
     """Bisect kv_threshold (higher p: denser) until the achieved sparsity is closest to target.
 
     Returns (config at that threshold, achieved sparsity, the kernel that ran).
@@ -202,28 +205,26 @@ def calibrate_threshold(q, k, v, video_shape, config: BSAConfig, target: float, 
     return dataclasses.replace(config, kv_threshold=best[0]), best[1], best[2]
 
 
-def stage_breakdown(q, k, v, video_shape, config: BSAConfig, kernel: str, grad_out, device) -> dict:
-    """Forward time of the selection, of the BlockMask build, and of ``kernel`` alone (each compiled alone).
-
-    In the whole call these stages share one graph, so their sum can exceed what they cost there.
-    """
-    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, device)
-    threshold, scale = _threshold_tensor(config.kv_rule_threshold, device), q.shape[-1] ** -0.5
-    select = _compile(lambda q, k, v: select_sparse(q, k, v, threshold, layout, config, scale))
-    build_mask = _compile(lambda kv: build_block_mask(kv, layout))
+def stage_breakdown(q, k, v, plan: BSAPlan, grad_out) -> dict:
+    """Forward time of the selection, of the BlockMask build, and of the plan's kernel alone (each
+    compiled alone). In the whole call these stages share one graph, so their sum can exceed what
+    they cost there."""
+    device, layout = q.device, plan.layout
+    threshold = threshold_tensor(plan.config.kv_rule_threshold, device)
+    select = compile_static(lambda q, k, v: select_sparse(q, k, v, threshold, plan))
+    build_mask = compile_static(lambda kv: build_block_mask(kv, layout))
     with torch.no_grad():
         ops = select(q, k, v)
         block_mask = build_mask(ops.kv_blocks)
-    operands = [t.detach().requires_grad_(grad_out is not None) for t in (ops.q_kept, ops.k_slots, ops.v_slots)]
-    options = flex_kernel_options(kernel, config.block_size)
-    attend = _compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale,
-                                                     enable_gqa=q.shape[1] != k.shape[1], kernel_options=options))
-    with torch.no_grad():
         t_select = median_ms(lambda: select(q, k, v), device)
         t_mask = median_ms(lambda: build_mask(ops.kv_blocks), device)
+    operands = [t.detach().requires_grad_(grad_out is not None) for t in (ops.q_kept, ops.k_slots, ops.v_slots)]
+    options = flex_kernel_options(plan.kernel, layout.block_size)
+    kernel = compile_static(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=plan.scale,
+                                                          enable_gqa=q.shape[1] != k.shape[1], kernel_options=options))
     kernel_grad = None if grad_out is None or device.type != "cuda" else torch.randn_like(operands[0])
-    t_kernel = fwd_and_fwd_bwd(lambda: attend(*operands), kernel_grad, device)
-    return {"kernel": kernel, "select_ms": t_select, "block_mask_ms": t_mask, "kernel_fwd": t_kernel["fwd"],
+    t_kernel = fwd_and_fwd_bwd(lambda: kernel(*operands), kernel_grad, device)
+    return {"kernel": plan.kernel, "select_ms": t_select, "block_mask_ms": t_mask, "kernel_fwd": t_kernel["fwd"],
             "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
 
 
@@ -239,7 +240,7 @@ def dense_flex(q, k, v, grad_out, device, backend: str) -> dict:
     """FlexAttention without a mask on one backend ("TRITON" or "FLASH"), or why it did not run."""
     train = device.type == "cuda"
     options = {"BACKEND": backend} if device.type == "cuda" else None
-    fn = _compile(lambda q, k, v: flex_attention(q, k, v, kernel_options=options))
+    fn = compile_static(lambda q, k, v: flex_attention(q, k, v, kernel_options=options))
     inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
     try:
         return fwd_and_fwd_bwd(lambda: fn(*inputs), grad_out if train else None, device)
@@ -256,50 +257,61 @@ def dense_baselines(q, k, v, grad_out, device) -> dict:
     return baselines
 
 
+def _speedups(bsa: dict, baselines: dict) -> dict:
+    """speedup_vs_<baseline>_<fwd|fwd_bwd> for every baseline and mode that ran."""
+    return {f"speedup_vs_{name}_{mode}": dense[mode] / bsa[mode]
+            for name, dense in baselines.items() for mode in ("fwd", "fwd_bwd")
+            if bsa[mode] is not None and dense.get(mode) is not None}
+
+
+def _layer_peaks(setup: Setup, video_shape, config: BSAConfig, sdpa_backend: str) -> dict:
+    """Peak memory of projection + attention inside a layer: best SDPA backend against BSA."""
+    args = (setup.heads, setup.head_dim, video_shape, setup.dtype, setup.device)
+
+    def sdpa_attention(q, k, v):
+        with sdpa_kernel([SDPA_BACKENDS[sdpa_backend]]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return {"sdpa": layer_peak_gib(sdpa_attention, *args),
+            "bsa": layer_peak_gib(lambda q, k, v: attention(q, k, v, video_shape, config), *args)}
+
+
+def _stages(q, k, v, video_shape, config: BSAConfig, *, grad_out, bsa: dict, dense: dict, sparsity: float) -> dict:
+    """The stage breakdown of one row, and the shares of the call's time outside the kernel."""
+    train = q.device.type == "cuda"
+    with torch.set_grad_enabled(train):  # the plan of the timed call: its kernel
+        plan = make_plan(q, k, v, video_shape, config)
+    stages = stage_breakdown(q, k, v, plan, grad_out if train else None)
+    stages["rest_fwd_ms"] = bsa["fwd"] - stages["select_ms"] - stages["block_mask_ms"] - stages["kernel_fwd"]
+    stages["outside_kernel_fwd"] = 1.0 - stages["kernel_fwd"] / bsa["fwd"]
+    if stages["kernel_fwd_bwd"] is not None:
+        stages["outside_kernel_fwd_bwd"] = 1.0 - stages["kernel_fwd_bwd"] / bsa["fwd_bwd"]
+        if dense.get("fwd_bwd") is not None:  # the kernel against its own dense time x the compute fraction
+            stages["kernel_vs_density_ideal"] = dense["fwd_bwd"] * (1.0 - sparsity) / stages["kernel_fwd_bwd"]
+    return stages
+
+
 def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: str, *, breakdown: bool,
                baselines: dict | None, profile_dir: str | None = None) -> dict:
     """One (video shape, target sparsity, geometry, kernel) row; dense baselines are reused per shape."""
     device = setup.device
-    train = device.type == "cuda"  # FlexAttention has no CPU backward; CPU fwd+bwd runs the blockwise path
     q, k, v, grad_out = _inputs(video_shape, setup)
-    if baselines is None:
-        baselines = dense_baselines(q, k, v, grad_out, device)
+    baselines = baselines or dense_baselines(q, k, v, grad_out, device)
     config, achieved, ran = calibrate_threshold(
         q, k, v, video_shape, dataclasses.replace(setup.config, kernel=kernel, **GEOMETRIES[geometry]), target)
-    bsa = fwd_and_fwd_bwd(lambda: attention(q, k, v, video_shape, config), grad_out, device, host=True)
+    call = lambda: attention(q, k, v, video_shape, config)  # noqa: E731
+    bsa = fwd_and_fwd_bwd(call, grad_out, device, host=True)
     if profile_dir is not None:
-        os.makedirs(profile_dir, exist_ok=True)
-        step = ((lambda: attention(q, k, v, video_shape, config).backward(grad_out)) if train else
-                (lambda: attention(q, k, v, video_shape, config)))
+        step = (lambda: call().backward(grad_out)) if device.type == "cuda" else call
         profile_table(step, device, os.path.join(profile_dir, f"profile-{math.prod(video_shape)}-"
                                                  f"{geometry.replace(' ', '')}-{ran}.txt"))
     row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
            "geometry": geometry, "kernel": ran, "query_keep_ratio": config.query_keep_ratio, "sparsity": achieved,
-           "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines}
-    for name in ("sdpa", "flex_dense", "flash_dense"):
-        dense = baselines.get(name, {})
-        for mode in ("fwd", "fwd_bwd"):
-            if bsa[mode] is not None and dense.get(mode) is not None:
-                row[f"speedup_vs_{name}_{mode}"] = dense[mode] / bsa[mode]
+           "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines, **_speedups(bsa, baselines)}
     if breakdown:
-        args = (setup.heads, setup.head_dim, video_shape, setup.dtype, device)
-        sdpa_backend = SDPA_BACKENDS[baselines["sdpa"]["backend"]]
-
-        def sdpa_attend(q, k, v):
-            with sdpa_kernel([sdpa_backend]):
-                return F.scaled_dot_product_attention(q, k, v)
-        row["layer_peak_gib"] = {"sdpa": layer_peak_gib(sdpa_attend, *args),
-                                 "bsa": layer_peak_gib(lambda q, k, v: attention(q, k, v, video_shape, config), *args)}
-        stages = stage_breakdown(q, k, v, video_shape, config, ran, grad_out if train else None, device)
-        stages["rest_fwd_ms"] = bsa["fwd"] - stages["select_ms"] - stages["block_mask_ms"] - stages["kernel_fwd"]
-        stages["outside_kernel_fwd"] = 1.0 - stages["kernel_fwd"] / bsa["fwd"]
-        if stages["kernel_fwd_bwd"] is not None:
-            stages["outside_kernel_fwd_bwd"] = 1.0 - stages["kernel_fwd_bwd"] / bsa["fwd_bwd"]
-            # how close the kernel gets to the same kernel's dense time divided by the compute fraction
-            dense = baselines.get("flash_dense" if ran == "flash" else "flex_dense", {})
-            if dense.get("fwd_bwd") is not None:
-                stages["kernel_vs_density_ideal"] = dense["fwd_bwd"] * (1.0 - achieved) / stages["kernel_fwd_bwd"]
-        row["stages"] = stages
+        row["layer_peak_gib"] = _layer_peaks(setup, video_shape, config, baselines["sdpa"]["backend"])
+        dense = baselines.get("flash_dense" if ran == "flash" else "flex_dense", {})
+        row["stages"] = _stages(q, k, v, video_shape, config, grad_out=grad_out, bsa=bsa, dense=dense,
+                                sparsity=achieved)
     return row, baselines
 
 
@@ -441,7 +453,7 @@ def _write(result: dict, out: str, stem: str) -> str:
     return table
 
 
-def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/results",
+def run(*, quick: bool = False, device: str | None = None, out: str = "benchmarks/results",
         sparsities=SWEEP_SPARSITIES, part: str = "all", kernels=("auto",), geometries=tuple(GEOMETRIES),
         shapes=None, profile: bool = False) -> dict:
     """Run the benchmark, write bench[-part].json / .md / .png under ``out``, return the result.
@@ -475,7 +487,7 @@ def run(quick: bool = False, device: str | None = None, out: str = "benchmarks/r
     return result
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bsa_flex.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny case (a smoke test; runs on CPU)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
@@ -493,25 +505,28 @@ def main(argv=None) -> int:
                         help="also write torch.profiler tables of one BSA call per row under OUT/profiles/")
     parser.add_argument("--shapes", default=None,
                         help="only these video shapes, e.g. 16x28x52,40x48x80 (default: all of the part)")
+    return parser
+
+
+def _comma_list(parser, flag: str, text: str, parse: Callable, valid: Callable) -> tuple:
+    """A comma-separated command-line value, parsed item by item, or a usage error naming the flag."""
+    try:
+        items = tuple(parse(item) for item in text.split(","))
+    except ValueError:
+        items = None
+    if items is None or not all(valid(item) for item in items):
+        parser.error(f"{flag} got {text!r}: see --help for its form")
+    return items
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    kernels = tuple(args.kernel.split(","))
-    if any(kernel not in KERNELS for kernel in kernels):
-        parser.error(f"--kernel takes {', '.join(KERNELS)} (comma-separated), got {args.kernel!r}")
-    geometries = tuple(args.geometries.split(","))
-    if any(g not in GEOMETRIES for g in geometries):
-        parser.error(f"--geometries takes {', '.join(GEOMETRIES)} (comma-separated), got {args.geometries!r}")
-    try:
-        shapes = None if args.shapes is None else {tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")}
-    except ValueError:
-        parser.error(f"--shapes must look like 16x28x52,40x48x80, got {args.shapes!r}")
-    if shapes is not None and any(len(shape) != 3 for shape in shapes):
-        parser.error(f"--shapes must look like 16x28x52,40x48x80, got {args.shapes!r}")
-    try:
-        sparsities = tuple(float(s) for s in args.sparsities.split(","))
-    except ValueError:
-        parser.error(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}")
-    if any(not 0.0 <= s < 1.0 for s in sparsities):
-        parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities!r}")
+    sparsities = _comma_list(parser, "--sparsities", args.sparsities, float, lambda s: 0.0 <= s < 1.0)
+    kernels = _comma_list(parser, "--kernel", args.kernel, str, lambda k: k in KERNELS)
+    geometries = _comma_list(parser, "--geometries", args.geometries, str, lambda g: g in GEOMETRIES)
+    shapes = None if args.shapes is None else set(_comma_list(
+        parser, "--shapes", args.shapes, lambda s: tuple(int(n) for n in s.split("x")), lambda s: len(s) == 3))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     run(quick=args.quick, device=args.device, out=args.out, sparsities=sparsities, part=args.part, kernels=kernels,

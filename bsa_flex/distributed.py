@@ -21,10 +21,11 @@ import torch.distributed as dist
 from einops import rearrange
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-from .validation import check_operands, check_text_tokens, check_video_shape, is_integer
-from .attention import run_operator, sparse_attention
+from .attention import sparse_attention
 from .config import BSAConfig
+from .runtime import make_plan, run_operator
 from .stats import BSAStats, concat_heads
+from .validation import check_operands, check_text_tokens, check_video_shape, is_integer
 
 __all__ = ["ulysses_attention", "check_ulysses_shapes"]
 
@@ -62,14 +63,15 @@ def _heads_from_ranks(received: list[torch.Tensor]) -> torch.Tensor:
     return rearrange(stacked, "c p b h s d -> b (p c h) s d")
 
 
-def _attend_received(q_parts: torch.Tensor, k_parts: torch.Tensor, v_parts: torch.Tensor, *args):
+def _sparse_attention_on_received(q_parts: torch.Tensor, k_parts: torch.Tensor, v_parts: torch.Tensor,
+                                  threshold: torch.Tensor, plan):
     """:func:`sparse_attention` on the received parts [P, B, h, S/P, D]; the output as parts to send back.
 
     Run as BSA's one graph, the sequence's reassembly fuses into the operator's gathers and the
     output's split into the gather that fills pruned queries. Returns (out parts, lse, Selection).
     """
     q, k, v = (_sequence_from_ranks(t) for t in (q_parts, k_parts, v_parts))
-    out, lse, selection = sparse_attention(q, k, v, *args)
+    out, lse, selection = sparse_attention(q, k, v, threshold, plan)
     return _sequence_by_rank(out, q_parts.shape[0]).contiguous(), lse, selection
 
 
@@ -118,29 +120,27 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_s
     ``prefix_tokens``/``suffix_tokens``: non-video tokens around the video in the sharded
     sequence, as in :func:`bsa_flex.attention` (S counts them too).
     ``head_chunks``: split this rank's heads into that many groups attended one after another,
-    so that one group's all-to-alls travel while another group attends (both head counts per
-    rank must divide by it). The result is the same for every value. Measured on 2 NVLink H200s
-    at 153,600 tokens it was slower (2 groups: 70.6 vs 62.4 ms): the overlapping NCCL kernels
-    take SMs from the attention kernels and each group repeats the selection; keep 1 there.
+    so that one group's all-to-alls travel while another attends (both head counts per rank must
+    divide by it); the result is the same for every value, the speed not (docs/distributed.md).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ulysses_attention needs torch.distributed initialised (dist.init_process_group)")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     config = BSAConfig() if config is None else config
-    check_operands(q, k, v, config, scale, enable_gqa, score_mod)
+    check_operands(q, k, v, config, scale=scale, enable_gqa=enable_gqa, score_mod=score_mod)
     text = check_text_tokens(prefix_tokens, suffix_tokens)
     video_shape = check_ulysses_shapes(q.shape[1], k.shape[1], q.shape[2], video_shape, world, text)
     _check_head_chunks(head_chunks, q.shape[1] // world, k.shape[1] // world)
-    heads_per_chunk = q.shape[1] // world // head_chunks
     # every input exchange is issued before any attention is queued: see _issue_all_to_all
     pending = [[_issue_all_to_all(part, group) for part in _heads_by_rank(t, world, head_chunks)]
                for t in (q, k, v)]
     outputs, chunk_stats = [], []
     for chunk in range(head_chunks):
         q_c, k_c, v_c = (wait_tensor(parts[chunk]) for parts in pending)
-        result = run_operator(_attend_received, q_c, k_c, v_c, video_shape, text, config, scale,
-                              _offset_heads(score_mod, chunk * heads_per_chunk), return_stats)
+        plan = make_plan(q_c, k_c, v_c, video_shape, config, scale=scale, text_tokens=text,
+                         score_mod=_offset_heads(score_mod, chunk * q_c.shape[2]))
+        result = run_operator(_sparse_attention_on_received, q_c, k_c, v_c, plan, return_stats)
         out_parts, stats = result if return_stats else (result, None)
         outputs.append(_issue_all_to_all(out_parts, group))
         chunk_stats.append(stats)

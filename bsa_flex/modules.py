@@ -112,7 +112,7 @@ class SparsityControl:
         self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
         self.threshold.fill_(setting.kv_threshold)
 
-    def attend(self, q, k, v, video_shape) -> torch.Tensor:
+    def attention(self, q, k, v, video_shape) -> torch.Tensor:
         """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``."""
         gqa = q.shape[1] != k.shape[1]
         if self.dense:
@@ -192,7 +192,7 @@ class BSAttention(nn.Module):
         return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast may run the norms in float32
 
     def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
-        out = self.sparsity.attend(*self.project(x, video_shape), video_shape)
+        out = self.sparsity.attention(*self.project(x, video_shape), video_shape)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))
 
 

@@ -7,18 +7,19 @@ Both return (out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32 or None).
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-from masks import TileLayout, build_block_mask, ordered_kv_blocks
+from masks import build_block_mask, ordered_kv_blocks
 
 from .kernels import flash_lse_to_natural_log
+from .plan import BSAPlan
 
-__all__ = ["BSAEagerWarning", "raster_score_mod", "flex_kernel_options", "attend_flex", "attend_blockwise", "ATTEND"]
+__all__ = ["BSAEagerWarning", "raster_score_mod", "flex_kernel_options", "attend_flex", "attend_blockwise",
+           "attend_path"]
 
 
 class BSAEagerWarning(UserWarning):
@@ -49,13 +50,13 @@ def flex_kernel_options(kernel: str, block_size: int) -> dict | None:
     return None  # FlexAttention's CPU template
 
 
-def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
-                score_mod: Callable | None, kernel: str):
+def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, plan: BSAPlan):
     """FlexAttention of compact queries over tile-major slots, skipping unselected KV blocks.
 
-    ``kernel``: "flash", "triton" (CUDA) or "flex_cpu". The LSE is in natural log on every
+    ``plan.kernel``: "flash", "triton" (CUDA) or "flex_cpu". The LSE is in natural log on every
     kernel; with "flash" it carries no gradient (FLASH's backward has none for it).
     """
+    layout, score_mod = plan.layout, plan.score_mod
     if not torch.compiler.is_compiling():
         warnings.warn("bsa_flex: FlexAttention is running uncompiled (torch.compile disabled or fell back): "
                       "it computes the same function through the mask_mod, but at dense cost, "
@@ -64,21 +65,20 @@ def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLay
     with_lse = q_kept.device.type == "cuda"  # FlexAttention on CPU has no LSE under compile
     result = flex_attention(
         q_kept, k_slots, v_slots, score_mod=mod, block_mask=build_block_mask(kv_blocks, layout),
-        scale=scale, enable_gqa=q_kept.shape[1] != k_slots.shape[1],
-        kernel_options=flex_kernel_options(kernel, layout.block_size),
+        scale=plan.scale, enable_gqa=q_kept.shape[1] != k_slots.shape[1],
+        kernel_options=flex_kernel_options(plan.kernel, layout.block_size),
         return_aux=AuxRequest(lse=True) if with_lse else None,
     )
     if not with_lse:
         return result, None
     out, aux = result
-    if kernel == "flash":
+    if plan.kernel == "flash":
         return out, flash_lse_to_natural_log(aux.lse.detach())
     return out, aux.lse
 
 
 @torch.compiler.disable
-def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: TileLayout, scale: float,
-                     score_mod: Callable | None):
+def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, plan: BSAPlan):
     """Float32 softmax attention of each query block over its gathered selected KV blocks.
 
     Memory grows with the number of selected blocks, never with S x S. The gather width is the
@@ -86,6 +86,7 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: Ti
     torch.compile), which is why it is only used where FlexAttention has no backward.
     """
     B, Hq, Nq, D = q_kept.shape
+    layout, score_mod = plan.layout, plan.score_mod
     bs, device = layout.block_size, q_kept.device
     n_selected, order = ordered_kv_blocks(kv_blocks)
     width = int(n_selected.max())
@@ -98,7 +99,7 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: Ti
     keys = k_slots[batch, kv_head, key_slot].float()  # [B, Hq, nq, width * bs, D]
     values = v_slots[batch, kv_head, key_slot].float()
     queries = q_kept.float().view(B, Hq, -1, bs, D)
-    scores = queries @ keys.transpose(-1, -2) * scale  # [B, Hq, nq, bs, width * bs]
+    scores = queries @ keys.transpose(-1, -2) * plan.scale  # [B, Hq, nq, bs, width * bs]
     if score_mod is not None:
         mod = raster_score_mod(score_mod, kept_token, layout.slot_token)
         q_idx = torch.arange(Nq, device=device).view(1, 1, -1, bs, 1)
@@ -110,9 +111,6 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, layout: Ti
     return out.reshape(B, Hq, Nq, D).to(q_kept.dtype), lse.reshape(B, Hq, Nq)
 
 
-# The attend function of each kernel of bsa_flex.kernels.choose_kernel: one object per kernel, so
-# that a compiled operator taking it as an argument guards on a stable identity.
-ATTEND = {"flash": functools.partial(attend_flex, kernel="flash"),
-          "triton": functools.partial(attend_flex, kernel="triton"),
-          "flex_cpu": functools.partial(attend_flex, kernel="flex_cpu"),
-          "blockwise": attend_blockwise}
+def attend_path(kernel: str) -> Callable:
+    """The attention path of a kernel of :func:`bsa_flex.kernels.choose_kernel`."""
+    return attend_blockwise if kernel == "blockwise" else attend_flex

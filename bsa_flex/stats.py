@@ -21,7 +21,8 @@ class BSAStats:
     softmax normaliser of the row each token's output comes from (None on the CPU FlexAttention
     path, which has no LSE; without gradient on the "flash" kernel). kernel: the attention kernel
     that ran: "flash" (FlashAttention-4) or "triton" on CUDA, "flex_cpu" (FlexAttention's CPU
-    template) or "blockwise" (the CPU autograd path). path: "flex" or "blockwise".
+    template) or "blockwise" (the CPU autograd path). path: "flex" or "blockwise". layout: the
+    tile layout the selection is expressed in (slots, blocks), to read it without rebuilding one.
     """
 
     sparsity: torch.Tensor
@@ -31,6 +32,7 @@ class BSAStats:
     selection: Selection
     lse: torch.Tensor | None
     kernel: str
+    layout: TileLayout
 
     @property
     def path(self) -> str:
@@ -51,7 +53,7 @@ def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | 
     return BSAStats(
         sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
         kept_query_fraction=q_count.sum(-1).mean() / S, kv_density=kv_density,
-        selection=selection, lse=lse, kernel=kernel,
+        selection=selection, lse=lse, kernel=kernel, layout=layout,
     )
 
 
@@ -67,5 +69,5 @@ def concat_heads(parts: list[BSAStats]) -> BSAStats:
         kv_density=cat(p.kv_density for p in parts),
         selection=Selection(*(cat(fields) for fields in zip(*(p.selection for p in parts)))),
         lse=None if parts[0].lse is None else cat(p.lse for p in parts),
-        kernel=parts[0].kernel,
+        kernel=parts[0].kernel, layout=parts[0].layout,
     )

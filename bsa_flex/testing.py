@@ -19,7 +19,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("bsa_flex.testing needs hypothesis: pip install 'bsa-flex[test]'") from error
 
-from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, reference_attention, tile_layout
+from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, reference_attention
 
 from .attention import attention
 from .config import BSAConfig
@@ -65,7 +65,7 @@ def configs(draw, block_sizes=(16, 32), max_tile_side: int = 4) -> BSAConfig:
 
 
 @st.composite
-def attention_inputs(draw, shapes=None, dtypes=(torch.float32,), head_dims=(16, 32, 64, 128),
+def attention_inputs(draw, *, shapes=None, dtypes=(torch.float32,), head_dims=(16, 32, 64, 128),
                      max_batch: int = 2, max_kv_heads: int = 2, max_group: int = 3, device="cpu",
                      requires_grad: bool = False, max_text_tokens: int = 0) -> AttentionInputs:
     """q, k, v (video-like or i.i.d. noise, GQA or not) for a drawn video shape.
@@ -159,10 +159,10 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
                           enable_gqa: bool = False, score_mod: Callable | None = None,
                           text_tokens: tuple[int, int] = (0, 0),
                           check_grads: bool = False, grad_tol: float | None = None,
-                          attend: Callable = attention) -> BSAStats:
+                          attention_fn: Callable = attention) -> BSAStats:
     """Run ``bsa_flex.attention`` and assert it equals the float64 oracle on the same selection.
 
-    ``attend``: the function under test, called like ``bsa_flex.attention`` (e.g. a
+    ``attention_fn``: the function under test, called like ``bsa_flex.attention`` (e.g. a
     ``torch.compile`` of it, which inlines BSA into the caller's graph).
     Compares the output (and the LSE where the path returns one) element-wise with
     :func:`tolerances`, checks :func:`check_selection`, and with ``check_grads`` compares the
@@ -172,10 +172,12 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
     """
     config = BSAConfig() if config is None else config
     leaves = [t.detach().clone().requires_grad_(check_grads) for t in (q, k, v)]
-    out, stats = attend(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
-                        score_mod=score_mod, prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1],
-                        return_stats=True)
-    layout = tile_layout(tuple(video_shape), config.tile, config.window, config.block_size, q.device, *text_tokens)
+    out, stats = attention_fn(*leaves, video_shape, config, scale=scale, enable_gqa=enable_gqa,
+                              score_mod=score_mod, prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1],
+                              return_stats=True)
+    layout = stats.layout
+    assert (layout.video_shape, layout.tile, layout.window, layout.block_size, (layout.num_prefix, layout.num_suffix)) \
+        == (tuple(video_shape), config.tile, config.window, config.block_size, tuple(text_tokens)), "stats.layout"
     check_selection(stats.selection, layout, config)
     ref_leaves = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]
     ref_out, ref_lse = reference_attention(*ref_leaves, stats.selection, layout,
@@ -187,12 +189,16 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
         torch.testing.assert_close(stats.lse.double(), ref_lse, atol=tol["atol"] * 10, rtol=tol["rtol"],
                                    msg=lambda m: f"LSE vs oracle: {m}")
     if check_grads:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
-        ref_out.backward(grad_out.to(ref_out.device))
-        if grad_tol is None:
-            grad_tol = 3e-2 if q.dtype != torch.float32 else 5e-3
-        for name, got, ref in zip("qkv", leaves, ref_leaves):
-            err = relative_error(got.grad, ref.grad)
-            assert err <= grad_tol, f"grad of {name}: relative L2 error {err:.2e} > {grad_tol:.0e}"
+        _assert_gradients_match(out, ref_out, leaves, ref_leaves,
+                                grad_tol if grad_tol is not None else 3e-2 if q.dtype != torch.float32 else 5e-3)
     return stats
+
+
+def _assert_gradients_match(out, ref_out, leaves, ref_leaves, grad_tol: float) -> None:
+    """Back-propagate one random output gradient through both; compare the q, k, v gradients."""
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad_out.to(device=out.device, dtype=out.dtype))
+    ref_out.backward(grad_out.to(ref_out.device))
+    for name, got, ref in zip("qkv", leaves, ref_leaves):
+        err = relative_error(got.grad, ref.grad)
+        assert err <= grad_tol, f"grad of {name}: relative L2 error {err:.2e} > {grad_tol:.0e}"

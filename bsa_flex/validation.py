@@ -97,14 +97,14 @@ def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int]
     return tuple(video_shape)
 
 
-def check_inputs(q, k, v, video_shape, config, scale, enable_gqa, score_mod,
+def check_inputs(q, k, v, video_shape, config, *, scale, enable_gqa, score_mod,
                  text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
     """Raise TypeError/ValueError naming the offending argument; return the video shape as a tuple."""
-    check_operands(q, k, v, config, scale, enable_gqa, score_mod)
+    check_operands(q, k, v, config, scale=scale, enable_gqa=enable_gqa, score_mod=score_mod)
     return check_video_shape(video_shape, q.shape[2], text_tokens)
 
 
-def check_operands(q, k, v, config, scale, enable_gqa, score_mod) -> None:
+def check_operands(q, k, v, config, *, scale, enable_gqa, score_mod) -> None:
     """Every check of :func:`check_inputs` but the video shape (q's S may be a shard of the sequence)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_qkv(name, t)

@@ -136,7 +136,7 @@ def test_compaction_and_ranks_inside_a_compiled_graph_equal_the_eager_sorts():
 def test_slot_arithmetic_of_the_compiled_mask_mod_equals_slot_validity(config, video_shape, prefix, suffix):
     """The compiled kernels' mask_mod computes padding from the slot index alone (no captured
     buffer, which FLASH needs); it must agree with the layout on every slot."""
-    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU, prefix, suffix)
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU, (prefix, suffix))
     slots = torch.arange(layout.num_slots)
     assert torch.equal(slot_is_real(slots, layout), layout.slot_valid)
     mask_mod = padding_mask_mod(layout)

@@ -3,6 +3,7 @@
 Each new shape or structural config costs a compile (~10 s on 2 cores), so this module fuzzes
 data and thresholds over a fixed set of cases; the mask logic is fuzzed widely elsewhere.
 """
+import importlib
 import warnings
 
 import pytest
@@ -13,8 +14,9 @@ from torch._dynamo.utils import counters
 
 import bsa_flex
 from bsa_flex import BSAConfig, BSARecompileWarning
-from bsa_flex.attention import _threshold_tensor, sparse_attention
-from bsa_flex.paths import ATTEND
+from bsa_flex.attention import sparse_attention
+from bsa_flex.plan import BSAPlan
+from bsa_flex.runtime import threshold_tensor
 from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle
 from masks import tile_layout
@@ -59,6 +61,12 @@ def test_dense_config_equals_sdpa(name):
     assert stats.path == "flex" and float(stats.sparsity) == pytest.approx(0.0, abs=1e-6)
 
 
+
+def flex_cpu_plan(case, *, kernel: str = "flex_cpu", scale: float = 0.25) -> BSAPlan:
+    """The plan of one of the cases on FlexAttention's CPU path (or another CPU kernel)."""
+    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    return BSAPlan(config=case.config, layout=layout, kernel=kernel, scale=scale)
+
 def test_compiled_path_gets_its_sparsity_from_the_block_lists():
     """Compiled, the mask_mod masks padding keys only; on a video without padding it admits
     every pair, so a result equal to the sparse oracle (and unequal to dense attention) can
@@ -80,10 +88,9 @@ def test_uncompiled_flex_computes_the_same_function_through_the_mask_mod(name):
     q, k, v = case.inputs(2)
     gqa = case.q_heads != case.kv_heads
     compiled = bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=gqa)
-    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
     with pytest.warns(bsa_flex.BSAEagerWarning, match="uncompiled"):
-        eager, _, _ = sparse_attention(q, k, v, _threshold_tensor(case.config.kv_rule_threshold, CPU), layout,
-                                       case.config, case.head_dim ** -0.5, None, ATTEND["flex_cpu"])
+        eager, _, _ = sparse_attention(q, k, v, threshold_tensor(case.config.kv_rule_threshold, CPU),
+                                       flex_cpu_plan(case, scale=case.head_dim ** -0.5))
     tol = 1e-5 if case.dtype == torch.float32 else 1e-2
     torch.testing.assert_close(eager, compiled, atol=tol, rtol=tol)
 
@@ -91,9 +98,7 @@ def test_uncompiled_flex_computes_the_same_function_through_the_mask_mod(name):
 def test_operator_compiles_as_one_graph_without_breaks():
     case = CASES["gqa_padded"]
     q, k, v = case.inputs(3)
-    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
-    explanation = torch._dynamo.explain(sparse_attention)(
-        q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, ATTEND["flex_cpu"])
+    explanation = torch._dynamo.explain(sparse_attention)(q, k, v, threshold_tensor(0.5, CPU), flex_cpu_plan(case))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
@@ -102,7 +107,6 @@ def test_compiled_graph_sorts_only_through_the_opaque_sort():
     from torch._dynamo.backends.common import aot_autograd
     case = CASES["gqa_padded"]
     q, k, v = case.inputs(3)
-    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
     targets = []
 
     def record(graph_module, example_inputs):
@@ -110,7 +114,7 @@ def test_compiled_graph_sorts_only_through_the_opaque_sort():
         return graph_module
 
     compiled = torch.compile(sparse_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True)
-    compiled(q, k, v, _threshold_tensor(0.5, CPU), layout, case.config, 0.25, None, ATTEND["flex_cpu"])
+    compiled(q, k, v, threshold_tensor(0.5, CPU), flex_cpu_plan(case))
     sorts = [t for t in targets if "sort" in t]
     assert sorts and all("bsa_masks.stable_argsort" in t for t in sorts), sorts
 
@@ -198,12 +202,15 @@ def test_batch_equals_its_items_run_one_by_one():
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attend", [ATTEND["blockwise"], ATTEND["flex_cpu"]], ids=["blockwise", "flex_uncompiled"])
-def test_whatever_padding_slots_hold_cannot_change_any_output(attend):
+@pytest.mark.parametrize("kernel", ["blockwise", "flex_cpu"], ids=["blockwise", "flex_uncompiled"])
+def test_whatever_padding_slots_hold_cannot_change_any_output(kernel, monkeypatch):
     case = CASES["gqa_padded"]  # (3, 5, 7) in 2x2x2 tiles: padding slots in partial blocks
     q, k, v = case.inputs(9)
-    layout = tile_layout(case.video_shape, case.config.tile, case.config.window, case.config.block_size, CPU)
+    plan = flex_cpu_plan(case, kernel=kernel)
+    layout = plan.layout
     assert bool(layout.kv_block_partial.any())
+    operator_module = importlib.import_module("bsa_flex.attention")  # bsa_flex.attention is the function
+    attend = operator_module.attend_path(kernel)
 
     def attend_with_garbage_padding(q_kept, k_slots, v_slots, *rest):
         k_slots, v_slots = k_slots.clone(), v_slots.clone()
@@ -211,11 +218,12 @@ def test_whatever_padding_slots_hold_cannot_change_any_output(attend):
         v_slots[:, :, ~layout.slot_valid] = 1e4 * torch.randn_like(v_slots[:, :, ~layout.slot_valid])
         return attend(q_kept, k_slots, v_slots, *rest)
 
-    args = (_threshold_tensor(0.5, CPU), layout, case.config, 0.25, None)
+    args = (threshold_tensor(0.5, CPU), plan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        clean, _, _ = sparse_attention(q, k, v, *args, attend)
-        dirty, _, _ = sparse_attention(q, k, v, *args, attend_with_garbage_padding)
+        clean, _, _ = sparse_attention(q, k, v, *args)
+        monkeypatch.setattr(operator_module, "attend_path", lambda _: attend_with_garbage_padding)
+        dirty, _, _ = sparse_attention(q, k, v, *args)
     torch.testing.assert_close(dirty, clean, atol=1e-5, rtol=1e-5)
 
 
@@ -227,9 +235,10 @@ def test_nothing_of_size_s_squared_is_materialised():
     S = 16 * 64 * 64
     layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU)
     q, k, v = (torch.empty(1, 2, S, 64) for _ in range(3))
+    plan = BSAPlan(config=config, layout=layout, kernel="flex_cpu", scale=0.125)
 
     def operator(q, k, v, threshold):
-        return sparse_attention(q, k, v, threshold, layout, config, 0.125, None, ATTEND["flex_cpu"])
+        return sparse_attention(q, k, v, threshold, plan)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -59,7 +59,7 @@ def test_sparse_model_reports_sparsity_and_equals_the_model_run_with_the_oracle(
     stats = handle.stats()
     assert len(stats) == 2 and all(0.0 < row["sparsity"] < 1.0 for row in stats)
     for processor in handle.processors:
-        processor.attend = _oracle_attend(processor)
+        processor.attention = _oracle_attend(processor)
     torch.testing.assert_close(out, _run(model), atol=1e-4, rtol=1e-4)
     assert not torch.allclose(out, _run(_model()), atol=1e-3)  # and it is not the dense model
 

@@ -99,7 +99,7 @@ def test_attention_inlined_into_a_users_compiled_function_matches_oracle(name, k
     q, k, v = case.inputs(6, device=CUDA, sharpness=8.0)
     compiled = torch.compile(bsa_flex.attention, dynamic=False)
     stats = assert_matches_oracle(q, k, v, case.video_shape, on(kernel, case.config), enable_gqa=case.gqa,
-                                  check_grads=True, attend=compiled)
+                                  check_grads=True, attention_fn=compiled)
     assert stats.kernel == kernel
 
 

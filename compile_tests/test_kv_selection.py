@@ -25,7 +25,8 @@ def block_probs(draw, max_q_blocks=6, max_kv_blocks=12):
 
 def rule_only(probs, valid, threshold, rule="cumulative", min_blocks=0, max_blocks=None):
     own = torch.zeros(probs.shape[-2:], dtype=torch.bool)
-    return select_kv_blocks(probs, own, valid, torch.tensor(threshold), rule, min_blocks, max_blocks)
+    return select_kv_blocks(probs, own, valid, torch.tensor(threshold), rule, min_blocks=min_blocks,
+                            max_blocks=max_blocks)
 
 
 @given(block_probs(), st.floats(0.01, 0.999))
@@ -89,7 +90,7 @@ def test_max_blocks_caps_what_the_rule_adds(pv, cap):
 def test_own_blocks_are_always_kept_and_padding_blocks_never(pv, p, data):
     probs, valid = pv
     own = torch.rand(probs.shape[-2:], generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))) < 0.3
-    kept = select_kv_blocks(probs, own, valid, torch.tensor(p), "cumulative", 0, 1)
+    kept = select_kv_blocks(probs, own, valid, torch.tensor(p), "cumulative", min_blocks=0, max_blocks=1)
     assert bool(kept[..., own & valid].all())
     assert not bool(kept[..., ~valid].any())
 

@@ -145,7 +145,7 @@ def test_selection_of_an_item_does_not_depend_on_the_rest_of_the_batch(inputs, c
 
 
 def _kept_with_text(inputs, config):
-    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU, *inputs.text_tokens)
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU, inputs.text_tokens)
     return layout, select_queries(inputs.qkv[0], layout, config.keep_per_window, config.fill)
 
 

@@ -73,7 +73,7 @@ def test_text_tokens_do_not_change_the_video_selection(seed, text, video_shape, 
 
 @given(TEXT, video_shapes(), configs())
 def test_text_slots_follow_the_video_in_sequence_order_in_blocks_of_their_own(text, video_shape, config):
-    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU, *text)
+    layout = tile_layout(video_shape, config.tile, config.window, config.block_size, CPU, text)
     S = math.prod(video_shape)
     text_tokens = torch.cat([torch.arange(text[0]), text[0] + S + torch.arange(text[1])])
     assert layout.text_slot_start % config.block_size == 0
@@ -89,7 +89,7 @@ def test_sparsity_counts_every_pair_of_the_joint_sequence():
     with torch.enable_grad():
         _, stats = bsa_flex.attention(*[t.requires_grad_() for t in (q, k, v)], CASE["video_shape"], config,
                                       enable_gqa=True, prefix_tokens=13, suffix_tokens=7, return_stats=True)
-    layout = tile_layout(CASE["video_shape"], config.tile, config.window, config.block_size, CPU, 13, 7)
+    layout = tile_layout(CASE["video_shape"], config.tile, config.window, config.block_size, CPU, (13, 7))
     computed = token_mask(stats.selection, layout).double().sum((-1, -2))
     expected = 1.0 - computed / float(q.shape[2]) ** 2
     torch.testing.assert_close(stats.sparsity_per_head.double(), expected)

@@ -33,7 +33,7 @@ from torch import nn
 import bsa_flex
 from bsa_flex import BSAConfig, BSAttention, SparsitySchedule, layer_stats, rope_3d
 from bsa_flex.extras import environment, progress, pyplot_or_none
-from masks import FILL_POLICIES, tile_layout, token_mask
+from masks import FILL_POLICIES, token_mask
 
 
 # ----------------------------------------------------------------------------- data
@@ -282,11 +282,10 @@ def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, d
             for threshold in thresholds:
                 config = BSAConfig(query_keep_ratio=keep, kv_threshold=threshold, block_size=block_size)
                 out, stats = bsa_flex.attention(q, k, v, video_shape, config, return_stats=True)
-                layout = tile_layout(video_shape, config.tile, config.window, block_size, q.device)
                 rows.append({"layer": layer, "keep": keep, "threshold": threshold,
                              "sparsity": float(stats.sparsity),
                              "rel_l2": float((out - full).norm() / full.norm()),
-                             "retained_mass": retained_mass(q, k, stats.selection, layout, q.shape[-1] ** -0.5)})
+                             "retained_mass": retained_mass(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)})
     return rows
 
 

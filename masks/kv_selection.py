@@ -74,7 +74,7 @@ def _keep_sorted_by_rule(sorted_probs: torch.Tensor, sorted_valid: torch.Tensor,
 
 
 def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: torch.Tensor,
-                     threshold: torch.Tensor, rule: str, min_blocks: int,
+                     threshold: torch.Tensor, rule: str, *, min_blocks: int,
                      max_blocks: int | None) -> torch.Tensor:
     """The boolean block matrix [B, Hq, nq, nkv] of KV blocks each query block attends to.
 

@@ -85,23 +85,35 @@ def _whole_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size) * block_size
 
 
-@functools.lru_cache(maxsize=64)
-def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
-                window: tuple[int, int, int], block_size: int, device: torch.device,
-                prefix: int = 0, suffix: int = 0) -> TileLayout:
-    """Build (once per key) the tile-major layout; arguments are assumed validated by the caller."""
+def _slots(video_shape, tile, window, block_size: int, text_tokens: tuple[int, int]):
+    """(slot_token, slot_valid, text_slot_start) as numpy: the tile-padded video's slots padded to whole
+    blocks, then the non-video tokens' slots, padded to whole blocks too."""
+    prefix, suffix = text_tokens
     video_token, video_valid = _slot_order(video_shape, tile, window)
-    anchors = _window_anchors(video_valid.reshape(-1, math.prod(window)), window)
-    num_video = math.prod(video_shape)
     text_start = _whole_blocks(video_token.shape[0], block_size)
-    text_token = np.concatenate([np.arange(prefix), prefix + num_video + np.arange(suffix)]).astype(np.int64)
+    text_token = np.concatenate([np.arange(prefix), prefix + math.prod(video_shape) + np.arange(suffix)])
     text_slots = _whole_blocks(text_token.shape[0], block_size)
     video_slot_token = np.where(video_valid, video_token + prefix, 0)
     slot_token = np.concatenate([np.pad(video_slot_token, (0, text_start - video_token.shape[0])),
-                                 np.pad(text_token, (0, text_slots - text_token.shape[0]))])
+                                 np.pad(text_token.astype(np.int64), (0, text_slots - text_token.shape[0]))])
     slot_valid = np.concatenate([np.pad(video_valid, (0, text_start - video_valid.shape[0])),
                                  np.arange(text_slots) < text_token.shape[0]])
-    n_slots = slot_token.shape[0]
+    return slot_token, slot_valid, text_start
+
+
+@functools.lru_cache(maxsize=64)
+def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
+                window: tuple[int, int, int], block_size: int, device: torch.device,
+                text_tokens: tuple[int, int] = (0, 0)) -> TileLayout:
+    """Build (once per key) the tile-major layout; arguments are assumed validated by the caller.
+
+    ``text_tokens``: (prefix, suffix), the non-video tokens before and after the video.
+    """
+    prefix, suffix = text_tokens
+    slot_token, slot_valid, text_start = _slots(video_shape, tile, window, block_size, text_tokens)
+    anchors = _window_anchors(slot_valid[:math.prod(-(-n // t) * t for n, t in zip(video_shape, tile))]
+                              .reshape(-1, math.prod(window)), window)
+    num_video, n_slots = math.prod(video_shape), slot_token.shape[0]
     token_slot = np.empty(prefix + num_video + suffix, dtype=np.int64)
     token_slot[slot_token[slot_valid]] = np.flatnonzero(slot_valid)
     block_count = slot_valid.reshape(-1, block_size).sum(1)

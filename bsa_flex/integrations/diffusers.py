@@ -59,9 +59,9 @@ class BSAWanAttnProcessor:
     def set_sparsity(self, setting) -> None:
         self.control.set_sparsity(setting)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape) -> torch.Tensor:
-        """[B, H, S, D] -> [B, H, S, D]."""
-        return self.control.attend(q, k, v, video_shape)
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape) -> torch.Tensor:
+        """[B, H, S, D] -> [B, H, S, D]: BSA or dense, as the schedule set this layer."""
+        return self.control.attention(q, k, v, video_shape)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
@@ -79,7 +79,8 @@ class BSAWanAttnProcessor:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         query, key = query.to(value.dtype), key.to(value.dtype)  # CUDA autocast may run the norms in float32
         self.control.to(query.device)
-        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.shape.video_shape)
+        out = self.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                             self.shape.video_shape)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -1,0 +1,34 @@
+"""BSAPlan: the constants of one BSA call, made once at the public boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from masks import TileLayout
+
+from .config import BSAConfig
+
+__all__ = ["BSAPlan"]
+
+
+@dataclass(frozen=True, eq=False)
+class BSAPlan:
+    """Everything one call of the operator needs besides its tensors and the KV threshold.
+
+    config: the validated BSAConfig; layout: the tile layout of the call's sequence (cached per
+    video shape, tile, window, block size, device and text tokens); kernel: what runs the
+    attention, "flash", "triton", "flex_cpu" or "blockwise" (``bsa_flex.kernels``); scale: the
+    softmax scale; score_mod: the user's FlexAttention score_mod over raster positions, or None.
+    Made by ``bsa_flex.runtime.make_plan``; the operator reads it and never changes it.
+    """
+
+    config: BSAConfig
+    layout: TileLayout
+    kernel: str
+    scale: float
+    score_mod: Callable | None = None
+
+    @property
+    def keep_per_window(self) -> int:
+        """Kept queries per window."""
+        return self.config.keep_per_window

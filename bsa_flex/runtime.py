@@ -1,0 +1,164 @@
+"""The runtime around the BSA operator: make the plan, compile once per signature, say when a
+graph is compiled, and dispatch between the compiled graph, a caller's compiled region and the
+eager CPU training path. The operator itself (``bsa_flex.attention``) knows none of this."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from masks import TileLayout, tile_layout
+
+from .config import BSAConfig
+from .kernels import announce_kernel, choose_kernel, kernel_facts
+from .paths import BSAEagerWarning
+from .plan import BSAPlan
+from .stats import collect_stats
+
+__all__ = ["BSARecompileWarning", "compile_static", "make_plan", "run_operator", "threshold_tensor"]
+
+log = logging.getLogger("bsa_flex")
+
+
+class BSARecompileWarning(UserWarning):
+    """The compiled BSA graph was compiled again, for a new input signature."""
+
+
+def compile_static(fn: Callable) -> Callable:
+    """fullgraph, static shapes: a graph break or a dynamic shape would hide a slow path."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def _compiled(operator: Callable) -> Callable:
+    """The one compiled version of ``operator`` (sparse_attention or a wrapper of it)."""
+    return compile_static(operator)
+
+
+# Each shape, grad mode and kept count is one graph of the same function; dynamo's default budget
+# (8 per function) would turn the 9th into a hard error under fullgraph, e.g. in a test suite or
+# a schedule with many kept counts. The budget is raised around our own calls only.
+_RECOMPILE_LIMIT = 64
+_RAISED_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)  # built once: hot path
+
+
+class _GraphLog:
+    """Counts the graphs bsa_flex compiled; logs the first, warns on every later one."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    @staticmethod
+    def unique_graphs() -> int:
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
+
+    def record(self, q, k, v) -> None:
+        self.graphs += 1
+        signature = (f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "
+                     f"requires_grad {q.requires_grad or k.requires_grad or v.requires_grad}")
+        if self.graphs == 1:
+            log.info("bsa_flex: compiled the sparse-attention graph for %s", signature)
+            return
+        warnings.warn(
+            f"bsa_flex: compiled the sparse-attention graph again (graph #{self.graphs}) for {signature}. "
+            f"Each new shape, dtype, device, grad mode, scale, score_mod or structural config value "
+            f"(query_keep_ratio, tile, window, block_size, kv_rule, min/max_kv_blocks, fill, kernel) "
+            f"compiles once; kv_threshold and kv_zscore never recompile.", BSARecompileWarning, stacklevel=6)
+
+
+_GRAPHS = _GraphLog()
+
+
+def _run_compiled(operator: Callable, q, k, v, *args):
+    """Run the compiled ``operator`` and say so whenever that compiled a new graph."""
+    before = _GRAPHS.unique_graphs()
+    raised = torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT
+    with _RAISED_RECOMPILE_LIMIT if raised else contextlib.nullcontext():
+        result = _compiled(operator)(q, k, v, *args)
+    if _GRAPHS.unique_graphs() > before:
+        _GRAPHS.record(q, k, v)
+    return result
+
+
+@torch.compiler.assume_constant_result
+def _layout(video_shape, tile, window, block_size: int, device: torch.device, text_tokens) -> TileLayout:
+    """The cached tile layout; a constant to torch.compile, which must not trace its numpy code."""
+    return tile_layout(video_shape, tile, window, block_size, device, text_tokens)
+
+
+def threshold_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The KV rule's number as a 0-dim float32 tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return _cached_threshold(value, device)
+
+
+@torch.compiler.assume_constant_result
+def _cached_threshold(value: float, device: torch.device) -> torch.Tensor:
+    """One cached tensor per value, so eager calls make no host-to-device copy."""
+    return _threshold_cache(value, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _threshold_cache(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def make_plan(q, k, v, video_shape: tuple[int, int, int], config: BSAConfig, *, scale: float | None = None,
+              score_mod: Callable | None = None, text_tokens: tuple[int, int] = (0, 0)) -> BSAPlan:
+    """The plan of one call on validated inputs: layout, kernel (logged once), scale, score_mod."""
+    facts = kernel_facts(q, config.block_size, _needs_grad(q, k, v), score_mod is not None)
+    kernel, reason = choose_kernel(config.kernel, facts)
+    announce_kernel(kernel, reason)
+    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device, text_tokens)
+    return BSAPlan(config=config, layout=layout, kernel=kernel,
+                   scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod)
+
+
+def run_operator(operator: Callable, q, k, v, plan: BSAPlan, return_stats: bool):
+    """Run ``operator(q, k, v, threshold, plan)``: our compiled graph, inlined into the caller's, or eagerly.
+
+    ``operator`` is :func:`bsa_flex.attention.sparse_attention`, or a wrapper taking and returning
+    what it does but with q, k, v (and the output) laid out otherwise: ``bsa_flex.distributed``
+    hands it the all-to-all's received parts, so that reassembling the sequence fuses into the graph.
+    """
+    # Inside a caller's compiled region on CPU, Inductor's C++ FlexAttention template finds no
+    # kernel for a score_mod over our (constant) layout tensors (torch 2.13: NoValidChoicesError);
+    # our own compiled graph, which takes the layout as an input, handles it.
+    cpu_score_mod = q.device.type == "cpu" and plan.score_mod is not None
+    if plan.kernel != "blockwise" and not (cpu_score_mod and torch.compiler.is_compiling()):
+        return _run_plan(operator, q, k, v, plan, return_stats)
+    if torch.compiler.is_compiling():
+        reason = ("with gradients the blockwise path runs eagerly (FlexAttention has no CPU backward)"
+                  if plan.kernel == "blockwise" else
+                  "a score_mod runs in bsa_flex's own compiled graph (the C++ FlexAttention template cannot "
+                  "take it inside yours)")
+        warnings.warn(f"bsa_flex: on CPU {reason}: a graph break in the compiled model", BSAEagerWarning,
+                      stacklevel=3)
+    return _run_plan_eagerly(operator, q, k, v, plan, return_stats)
+
+
+def _run_plan(operator: Callable, q, k, v, plan: BSAPlan, return_stats: bool):
+    """The operator (compiled unless already inside a compiled region or on the blockwise path), stats."""
+    threshold = threshold_tensor(plan.config.kv_rule_threshold, q.device)
+    if plan.kernel == "blockwise" or torch.compiler.is_compiling():
+        out, lse, selection = operator(q, k, v, threshold, plan)
+    else:
+        out, lse, selection = _run_compiled(operator, q, k, v, threshold, plan)
+    if not return_stats:
+        return out
+    return out, collect_stats(selection, plan.layout, lse, plan.kernel)
+
+
+# The blockwise path reads a host integer; under torch.compile it must be one clean graph break
+# at this call, before any value the compiler would have to rebuild after the break.
+_run_plan_eagerly = torch.compiler.disable(_run_plan)
