@@ -134,3 +134,23 @@ def test_ulysses_example_on_two_cpu_processes_matches_one_process(tmp_path):
             check = row["checks"][name]
             assert check["tokens_choosing_otherwise"] == 0
             assert check["max_abs_error"] < 1e-5 and check["max_abs_grad_error"] < 1e-5
+
+
+def test_the_readme_example_runs_as_pasted_on_cpu(capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md", "exec"), {})
+    sparsity, kernel = capsys.readouterr().out.splitlines()[0].split()
+    assert 0.0 < float(sparsity) < 1.0 and kernel == "flex_cpu"
+
+
+def test_quickstart_prints_its_kernel_sparsity_and_distance(capsys):
+    import runpy
+    argv = sys.argv
+    sys.argv = ["quickstart.py"]
+    try:
+        runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    text = capsys.readouterr().out
+    assert "kernel flex_cpu" in text and "sparsity" in text and "relative L2 distance" in text
