@@ -1,0 +1,278 @@
+"""The pieces of the training example that a user can import: synthetic latent-video clips, a small
+video DiT (adaLN, 3D RoPE, BSAttention), rectified-flow loss and sampling, the training-free
+measurements of BSA on captured q/k/v, and the report plots. ``train_video_dit.py`` composes them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import bsa_flex
+from bsa_flex import BSAConfig, BSAttention, rope_3d
+from bsa_flex.extras import pyplot_or_none
+from masks import token_mask
+
+# ----------------------------------------------------------------------------- data
+
+def make_clips(seeds: list[int], frames: int, height: int, width: int, channels: int, device) -> torch.Tensor:
+    """[N, C, T, H, W] latent clips, one per seed, deterministic; about unit variance per channel.
+
+    Each clip: a background texture (plane waves) panned by a camera moving at constant speed,
+    and three elliptic shapes with striped textures that travel, rotate and pulse in size.
+    """
+    clips = []
+    t = torch.linspace(0, 1, frames, device=device)[:, None, None]
+    y = torch.linspace(-1, 1, height, device=device)[None, :, None]
+    x = torch.linspace(-1, 1, width, device=device)[None, None, :]
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, lo=-1.0, hi=1.0):
+            return (lo + (hi - lo) * torch.rand(*shape, generator=g)).to(device)
+
+        pan = rand(2, lo=-0.8, hi=0.8)
+        bx, by = x - pan[0] * t, y - pan[1] * t  # camera pan moves the whole background
+        wave = rand(4, 2, lo=-6.0, hi=6.0)
+        phase = rand(4, lo=0.0, hi=2 * math.pi)
+        colour_bg = rand(4, channels) * 0.5
+        clip = sum(torch.cos(wave[i, 0] * math.pi * bx + wave[i, 1] * math.pi * by + phase[i])[None]
+                   * colour_bg[i][:, None, None, None] for i in range(4))
+        for _ in range(3):
+            start, velocity = rand(2, lo=-0.6, hi=0.6), rand(2, lo=-0.9, hi=0.9)
+            radius, pulse = rand(2, lo=0.15, hi=0.45), rand(1, lo=1.0, hi=4.0)
+            spin, stripes = rand(1, lo=-3.0, hi=3.0), rand(1, lo=4.0, hi=12.0)
+            colour = rand(channels) * 1.5
+            cx = start[0] + velocity[0] * t - pan[0] * t
+            cy = start[1] + velocity[1] * t - pan[1] * t
+            angle = spin * t * math.pi
+            dx, dy = x - cx, y - cy
+            u = dx * torch.cos(angle) + dy * torch.sin(angle)
+            w = -dx * torch.sin(angle) + dy * torch.cos(angle)
+            size = 1.0 + 0.3 * torch.sin(2 * math.pi * pulse * t)
+            inside = torch.sigmoid((1.0 - (u / (radius[0] * size)) ** 2 - (w / (radius[1] * size)) ** 2) * 12.0)
+            texture = torch.cos(stripes * math.pi * u) * 0.5 + 0.75
+            clip = clip * (1 - inside[None]) + (inside * texture)[None] * colour[:, None, None, None]
+        clips.append(clip)
+    clips = torch.stack(clips)
+    return (clips - clips.mean((2, 3, 4), keepdim=True)) / clips.std((2, 3, 4), keepdim=True).clamp_min(1e-3)
+
+
+# ----------------------------------------------------------------------------- model
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[N] flow time in [0, 1] -> [N, dim] sinusoidal features."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * 1000.0 * freqs
+    return torch.cat([angles.cos(), angles.sin()], -1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: BSAttention and an MLP, both modulated by the time embedding."""
+
+    def __init__(self, width: int, heads: int, bsa: BSAConfig | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = BSAttention(width, heads, bsa=bsa, rope=rope_3d)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.modulation = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x, c, video_shape):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(6, -1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, video_shape)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class VideoDiT(nn.Module):
+    """Patchified latent-video DiT predicting the flow velocity: [N, C, T, H, W] -> same shape."""
+
+    def __init__(self, channels: int, patch: tuple[int, int, int], width: int, layers: int, heads: int,
+                 bsa: BSAConfig | None):
+        super().__init__()
+        self.patch = patch
+        patch_dim = channels * math.prod(patch)
+        self.embed = nn.Linear(patch_dim, width)
+        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList([DiTBlock(width, heads, bsa) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(width, 2 * width)
+        self.head = nn.Linear(width, patch_dim)
+        for layer in (self.final_modulation, self.head):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def attention_layers(self) -> list[BSAttention]:
+        return [block.attn for block in self.blocks]
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pt, ph, pw = self.patch
+        N, C, T, H, W = latents.shape
+        video_shape = (T // pt, H // ph, W // pw)
+        x = self.embed(rearrange(latents, "n c (t a) (h b) (w e) -> n (t h w) (c a b e)", a=pt, b=ph, e=pw))
+        c = self.time(timestep_embedding(t, x.shape[-1]))
+        for block in self.blocks:
+            x = block(x, c, video_shape)
+        shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, -1)
+        x = self.head(self.norm(x) * (1 + scale) + shift)
+        return rearrange(x, "n (t h w) (c a b e) -> n c (t a) (h b) (w e)", t=video_shape[0], h=video_shape[1],
+                         a=pt, b=ph, e=pw)
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, predict the velocity eps - x0 (mean squared error)."""
+    tt = t[:, None, None, None, None]
+    noisy = (1 - tt) * clean + tt * noise
+    return F.mse_loss(model(noisy, t).float(), (noise - clean).float())
+
+
+def step_noise(step: int, batch_shape, device, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and flow times of one step: the same in both arms (logit-normal t, as in SD3)."""
+    g = torch.Generator(device=device).manual_seed(1_000_003 * step + salt)
+    noise = torch.randn(batch_shape, generator=g, device=device)
+    t = torch.sigmoid(torch.randn(batch_shape[0], generator=g, device=device))
+    return noise, t
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, clips: torch.Tensor, dtype) -> float:
+    """Mean flow loss over the held-out clips at 8 fixed flow times with fixed noise."""
+    losses = []
+    for i, t_value in enumerate(torch.linspace(0.05, 0.95, 8).tolist()):
+        noise, _ = step_noise(10_000_000 + i, clips.shape, clips.device, salt=7)
+        t = torch.full((clips.shape[0],), t_value, device=clips.device)
+        with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            losses.append(float(flow_loss(model, clips, noise, t)))
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype) -> torch.Tensor:
+    """Euler integration of the learned flow from t = 1 (noise) to t = 0 (data)."""
+    x = noise.clone()
+    for i in range(steps):
+        t = torch.full((x.shape[0],), 1.0 - i / steps, device=x.device)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x = x - model(x, t).float() / steps
+    return x
+
+
+# ----------------------------------------------------------------------------- training-free check
+
+@torch.no_grad()
+def captured_qkv(model: VideoDiT, clips: torch.Tensor, t_value: float, dtype) -> list[tuple]:
+    """(q, k, v, video_shape) of every attention layer of ``model`` on noised ``clips`` at one flow time."""
+    captured = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: captured.append((*m.project(*a), a[1])))
+             for layer in model.attention_layers]
+    noise, _ = step_noise(20_000_000, clips.shape, clips.device, salt=3)
+    t = torch.full((clips.shape[0],), t_value, device=clips.device)
+    try:
+        with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model((1 - t_value) * clips + t_value * noise, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def retained_mass(q, k, selection, layout, scale: float) -> float:
+    """Mean over tokens of the full-attention probability on the keys its output was computed from."""
+    total, count = 0.0, 0
+    for h in range(q.shape[1]):
+        probs = torch.softmax(q[:, h:h + 1].float() @ k[:, h:h + 1].float().transpose(-1, -2) * scale, -1)
+        head = type(selection)(*(x[:, h:h + 1] for x in selection))
+        mask = token_mask(head, layout)  # [B, 1, S, S] rows of kept queries
+        source = head.kept_token.gather(2, head.fill_source)  # token whose keys each token's output used
+        used = mask.gather(2, source[..., None].expand(-1, -1, -1, mask.shape[-1]))
+        total += float((probs * used).sum())
+        count += probs.shape[0] * probs.shape[2]
+        del probs, mask, used
+    return total / count
+
+
+@torch.no_grad()
+def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, dtype, keeps=(1.0, 0.75, 0.5),
+                        thresholds=(0.8, 0.9, 0.95)) -> list[dict]:
+    """BSA on q/k/v of the trained full model, per layer: output error vs full attention and retained mass."""
+    rows = []
+    for layer, (q, k, v, video_shape) in enumerate(captured_qkv(model, clips, 0.5, dtype)):
+        q, k, v = q.float(), k.float(), v.float()
+        full = F.scaled_dot_product_attention(q, k, v)
+        for keep in keeps:
+            for threshold in thresholds:
+                config = BSAConfig(query_keep_ratio=keep, kv_threshold=threshold, block_size=block_size)
+                out, stats = bsa_flex.attention(q, k, v, video_shape, config, return_stats=True)
+                rows.append({"layer": layer, "keep": keep, "threshold": threshold,
+                             "sparsity": float(stats.sparsity),
+                             "rel_l2": float((out - full).norm() / full.norm()),
+                             "retained_mass": retained_mass(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- reports
+
+def plot_losses(records: list[dict], path: str) -> str | None:
+    plt = pyplot_or_none()
+    if plt is None:
+        return "matplotlib is not installed (pip install 'bsa-flex[bench]'): no plots written"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for record in records:
+        losses = record["train_loss"]
+        window = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        axes[0].plot(smooth, label=record["arm"])
+        steps, values = zip(*record["val"])
+        axes[1].plot(steps, values, marker="o", label=record["arm"])
+    axes[0].set(title="training loss (moving mean)", xlabel="step", yscale="log")
+    axes[1].set(title="validation loss", xlabel="step", yscale="log")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> str | None:
+    """A grid: one row per source (data, each arm), ``frames`` frames of the first clip, channels 0-2 as RGB."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return "matplotlib is not installed: no sample grid written"
+    frames = min(frames, next(iter(rows.values())).shape[2])
+    fig, axes = plt.subplots(len(rows), frames, figsize=(1.6 * frames, 1.7 * len(rows)), squeeze=False)
+    for r, (name, clip) in enumerate(rows.items()):
+        video = clip[0, :3].float().cpu()
+        video = (video - video.amin()) / (video.amax() - video.amin()).clamp_min(1e-6)
+        picks = torch.linspace(0, video.shape[1] - 1, frames).round().long()
+        for c, f in enumerate(picks.tolist()):
+            axes[r, c].imshow(video[:, f].permute(1, 2, 0).numpy())
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if c == 0:
+                axes[r, c].set_ylabel(name)
+            if r == 0:
+                axes[r, c].set_title(f"frame {f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def draw_plots(out: str, records: list[dict], samples: dict) -> list[str]:
+    """loss.png and samples.png under ``out``; returns the notes of plots that could not be drawn."""
+    notes = [plot_losses(records, os.path.join(out, "loss.png")),
+             plot_samples(samples, os.path.join(out, "samples.png")) if samples else "no samples: no sample grid"]
+    return [n for n in notes if n]
