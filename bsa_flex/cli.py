@@ -15,23 +15,21 @@ DESCRIPTION = """Bidirectional Sparse Attention (BSA) for video diffusion transf
 
 
 def _video(text: str) -> tuple[int, int, int]:
-    parts = text.lower().replace(",", "x").split("x")
+    from .validation import check_triple
     try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected T x H x W such as 8x32x32, got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive sizes T x H x W such as 8x32x32, got {text!r}")
-    return shape
+        return check_triple("the video", tuple(int(p) for p in text.lower().replace(",", "x").split("x")))
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected three positive sizes T x H x W such as 8x32x32, "
+                                         f"got {text!r}") from None
 
 
 def _fraction(text: str) -> float:
+    from .validation import check_real
     try:
         value = float(text)
-    except ValueError:
+        check_real("the value", value, 0.0, 1.0, low_open=True)
+    except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
