@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from masks import FILL_POLICIES, KV_RULES
+from masks import FILL_POLICIES, KV_RULES, ZSCORE_RANGE
 
 from .kernels import KERNELS
 from .validation import check_choice, check_int, check_real, check_triple
@@ -38,7 +38,10 @@ class BSAConfig:
 
     ``kv_threshold`` and ``kv_zscore`` may be 0-dim float tensors: a schedule that updates such
     a tensor in place changes the threshold without recompiling, even inside a model compiled
-    as a whole (a Python float there is a constant of the graph). The other fields set shapes
+    as a whole (a Python float there is a constant of the graph). A tensor's value is checked
+    here once; updated later to a value outside its range it acts as the nearest valid value
+    (p clamped into (0, 1], z into [-1e6, 1e6]) and NaN as the densest (p = 1, z = -1e6), so a
+    bad value never makes attention sparser than asked. The other fields set shapes
     or code and compile once per distinct value.
     """
 
@@ -57,7 +60,7 @@ class BSAConfig:
     def __post_init__(self):
         check_real("BSAConfig.query_keep_ratio", self.query_keep_ratio, 0.0, 1.0, low_open=True)
         check_real("BSAConfig.kv_threshold", self.kv_threshold, 0.0, 1.0, low_open=True, tensor_ok=True)
-        check_real("BSAConfig.kv_zscore", self.kv_zscore, -1e6, 1e6, tensor_ok=True)
+        check_real("BSAConfig.kv_zscore", self.kv_zscore, *ZSCORE_RANGE, tensor_ok=True)
         object.__setattr__(self, "tile", check_triple("BSAConfig.tile", self.tile))
         object.__setattr__(self, "window", check_triple("BSAConfig.window", self.window))
         if any(t % w for t, w in zip(self.tile, self.window)):

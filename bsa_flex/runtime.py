@@ -25,7 +25,8 @@ log = logging.getLogger("bsa_flex")
 
 
 class BSARecompileWarning(UserWarning):
-    """The compiled BSA graph was compiled again, for a new input signature."""
+    """The compiled BSA graph was compiled again for a signature it had already compiled, or the
+    number of compiled graphs approaches the recompile limit."""
 
 
 def compile_static(fn: Callable) -> Callable:
@@ -46,42 +47,56 @@ _RECOMPILE_LIMIT = 64
 _RAISED_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)  # built once: hot path
 
 
-class _GraphLog:
-    """Counts the graphs bsa_flex compiled; logs the first, warns on every later one."""
+def _signature(operator: Callable, q, k, v, plan: BSAPlan) -> tuple:
+    """What one compiled graph is specialised to: shapes, dtype, device, grad mode, plan constants."""
+    config, layout = plan.config, plan.layout
+    structural = (config.keep_per_window, config.tile, config.window, config.block_size, config.kv_rule,
+                  config.min_kv_blocks, config.max_kv_blocks, config.fill)
+    return (operator, tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), _needs_grad(q, k, v), plan.kernel,
+            layout.video_shape, layout.num_prefix, layout.num_suffix, plan.scale, plan.score_mod, structural)
 
-    def __init__(self):
-        self.graphs = 0
+
+class _GraphLog:
+    """The graphs bsa_flex compiled: a new signature is logged; a signature compiled before, or a
+    count near the recompile limit, is warned about (the user can act on those)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.seen, self.graphs = limit, set(), 0
 
     @staticmethod
     def unique_graphs() -> int:
         from torch._dynamo.utils import counters
         return counters["stats"]["unique_graphs"]
 
-    def record(self, q, k, v) -> None:
+    def record(self, signature: tuple, description: str) -> None:
         self.graphs += 1
-        signature = (f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "
-                     f"requires_grad {q.requires_grad or k.requires_grad or v.requires_grad}")
-        if self.graphs == 1:
-            log.info("bsa_flex: compiled the sparse-attention graph for %s", signature)
-            return
-        warnings.warn(
-            f"bsa_flex: compiled the sparse-attention graph again (graph #{self.graphs}) for {signature}. "
-            f"Each new shape, dtype, device, grad mode, scale, score_mod or structural config value "
-            f"(query_keep_ratio, tile, window, block_size, kv_rule, min/max_kv_blocks, fill, kernel) "
-            f"compiles once; kv_threshold and kv_zscore never recompile.", BSARecompileWarning, stacklevel=6)
+        if signature not in self.seen:
+            self.seen.add(signature)
+            log.info("bsa_flex: compiled the sparse-attention graph (#%d) for %s", self.graphs, description)
+        else:
+            warnings.warn(f"bsa_flex: compiled the sparse-attention graph again for a signature it had compiled "
+                          f"before ({description}): something outside bsa_flex reset or invalidated torch.compile's "
+                          f"caches, or a value that should be a tensor changes between calls", BSARecompileWarning,
+                          stacklevel=6)
+        if self.graphs == int(0.75 * self.limit):
+            warnings.warn(f"bsa_flex: {self.graphs} sparse-attention graphs compiled, near the limit of "
+                          f"{self.limit}: each shape, grad mode, kept count per window and structural config "
+                          f"compiles one; reuse fewer of them", BSARecompileWarning, stacklevel=6)
 
 
-_GRAPHS = _GraphLog()
+_GRAPHS = _GraphLog(_RECOMPILE_LIMIT)
 
 
-def _run_compiled(operator: Callable, q, k, v, *args):
-    """Run the compiled ``operator`` and say so whenever that compiled a new graph."""
+def _run_compiled(operator: Callable, q, k, v, threshold: torch.Tensor, plan: BSAPlan):
+    """Run the compiled ``operator``; record each graph that compiled."""
     before = _GRAPHS.unique_graphs()
     raised = torch._dynamo.config.recompile_limit < _RECOMPILE_LIMIT
     with _RAISED_RECOMPILE_LIMIT if raised else contextlib.nullcontext():
-        result = _compiled(operator)(q, k, v, *args)
+        result = _compiled(operator)(q, k, v, threshold, plan)
     if _GRAPHS.unique_graphs() > before:
-        _GRAPHS.record(q, k, v)
+        _GRAPHS.record(_signature(operator, q, k, v, plan),
+                       f"q {tuple(q.shape)} {q.dtype} on {q.device}, k/v {tuple(k.shape)}, "
+                       f"requires_grad {_needs_grad(q, k, v)}, kernel {plan.kernel}")
     return result
 
 

@@ -1,12 +1,14 @@
 """Property-testing tools for users of bsa_flex: hypothesis strategies, selection invariants
-and an oracle comparison, the same ones our own suite uses.
+and an oracle comparison, the same ones our own suite uses. This passes as a test file of its own:
 
-    from hypothesis import given
-    from bsa_flex.testing import attention_inputs, configs, assert_matches_oracle
+    from hypothesis import given, settings
+    from bsa_flex.testing import assert_matches_oracle, attention_inputs, configs
 
-    @given(attention_inputs(), configs())
-    def test_my_config(inputs, config):
-        assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa)
+    @settings(deadline=None, max_examples=20)  # a new shape may compile: no per-example deadline
+    @given(attention_inputs(requires_grad=True), configs())
+    def test_bsa_equals_the_oracle_forward_and_backward(inputs, config):
+        assert_matches_oracle(*inputs.qkv, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                              check_grads=True)
 """
 from __future__ import annotations
 

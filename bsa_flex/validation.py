@@ -6,15 +6,19 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
-def is_integer(value) -> bool:
-    """An integer (Python, numpy or a 0-dim integer tensor's item), never a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def is_integer(value, *, tensor_ok: bool = False) -> bool:
+    """An integer (Python or numpy; with ``tensor_ok`` a 0-dim integer tensor too), never a bool."""
+    if isinstance(value, torch.Tensor):
+        return tensor_ok and value.dim() == 0 and value.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                                   torch.uint8)
+    return isinstance(value, (numbers.Integral,)) and not isinstance(value, (bool, np.bool_))
 
 
 def is_real(value) -> bool:
@@ -51,8 +55,9 @@ def check_real(name: str, value, low: float, high: float, *, low_open: bool = Fa
 
 
 def check_triple(name: str, value) -> tuple[int, int, int]:
-    """Three positive ints (t, h, w), returned as a tuple of Python ints."""
-    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 3 or not all(map(is_integer, value)):
+    """Three positive integers (t, h, w; numpy or 0-dim integer tensors too), returned as Python ints."""
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 3 or not all(
+            is_integer(n, tensor_ok=True) for n in value):
         raise TypeError(f"{name} must be three ints (t, h, w), got {value!r}")
     if any(n < 1 for n in value):
         raise ValueError(f"{name} must be three positive ints (t, h, w), got {tuple(value)!r}")

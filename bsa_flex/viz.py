@@ -123,7 +123,12 @@ def render_figures(out: str, video_shape=(8, 32, 32), config=None, *, heads: int
     rising with depth) run on video-like tokens.
     """
     config = BSAConfig() if config is None else config
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out={out!r} is an existing file, not a folder: name a folder for the pictures")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"out={out!r} cannot be created as a folder ({error.strerror})") from None
     q, k, v = video_qkv(1, heads, heads, video_shape, head_dim, seed=seed, sharpness=2.0, noise=0.1)
     with torch.no_grad():
         _, stats = attention(q, k, v, video_shape, config, return_stats=True)

@@ -60,3 +60,11 @@ def test_bench_subcommand_is_the_benchmark_with_its_own_help(capsys):
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below_it"])
+def test_viz_to_an_unusable_folder_is_one_error_line(where, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    assert cli.main(["viz", "--out", str(tmp_path / where), "--video", "2x4x4", "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bsa-flex viz: error:" in err and "Traceback" not in err

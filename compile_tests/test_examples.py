@@ -154,3 +154,16 @@ def test_quickstart_prints_its_kernel_sparsity_and_distance(capsys):
         sys.argv = argv
     text = capsys.readouterr().out
     assert "kernel flex_cpu" in text and "sparsity" in text and "relative L2 distance" in text
+
+
+def test_the_testing_modules_example_passes_as_a_test_file_of_a_fresh_project(tmp_path):
+    """Copied as is, with hypothesis' default settings (no conftest, no profile of ours)."""
+    import subprocess
+    import bsa_flex.testing
+    example = "\n".join(line[4:] for line in bsa_flex.testing.__doc__.split("\n\n", 1)[1].splitlines())
+    (tmp_path / "test_mine.py").write_text(example)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "BSA_HYPOTHESIS_PROFILE"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mine.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "1 passed" in run.stdout

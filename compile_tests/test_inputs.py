@@ -123,3 +123,20 @@ def test_valid_input_passes_validation_on_the_blockwise_path():
     q, k, v = (t.requires_grad_() for t in qkv())
     out = call(q, k, v, config=BSAConfig(tile=(2, 2, 2), window=(1, 1, 2), block_size=16))
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_video_shape_of_numpy_and_torch_integers_is_accepted():
+    import numpy as np
+    q, k, v = qkv()
+    want = call(q, k, v, video_shape=(2, 3, 4))
+    for shape in ((np.int64(2), np.int32(3), 4), (torch.tensor(2), torch.tensor(3), torch.tensor(4))):
+        torch.testing.assert_close(call(q, k, v, video_shape=shape), want)
+
+
+def test_a_shadowing_masks_module_fails_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "masks.py").write_text("x = 1\n")
+    run = subprocess.run([sys.executable, "-c", "import bsa_flex"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0 and "shadows bsa_flex's masks" in run.stderr and str(tmp_path / "masks.py") in run.stderr

@@ -154,3 +154,32 @@ def test_own_blocks_cover_the_tiles_whose_queries_fill_the_query_block(inputs, c
         expected[row // bs, slots // bs] = True
     expected[:, ~layout.kv_block_valid] = False
     assert torch.equal(own, expected)
+
+
+@given(block_probs(), st.sampled_from([0.0, -1.0, 2.0, float("nan"), float("inf"), float("-inf")]))
+def test_a_cumulative_threshold_outside_its_range_acts_as_the_nearest_valid_value(pv, bad):
+    """p <= 0 acts as the smallest positive p (the most probable block), p > 1 and NaN as 1.0
+    (every block): a bad value never makes attention sparser than a valid one would."""
+    probs, valid = pv
+    nearest = 1.0 if not bad <= 0.0 else torch.finfo(torch.float32).tiny
+    assert torch.equal(rule_only(probs, valid, bad), rule_only(probs, valid, nearest))
+
+
+@given(block_probs(), st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e6, -3e6]))
+def test_a_zscore_threshold_outside_its_range_acts_as_the_nearest_valid_value(pv, bad):
+    probs, valid = pv
+    nearest = -1e6 if bad != bad or bad < 0 else 1e6  # NaN: the densest
+    assert torch.equal(rule_only(probs, valid, bad, rule="zscore"), rule_only(probs, valid, nearest, rule="zscore"))
+
+
+def test_a_threshold_tensor_set_out_of_range_in_place_runs_as_the_nearest_valid_value():
+    import bsa_flex
+    from bsa_flex import BSAConfig
+    from bsa_flex.synthetic import video_qkv
+    q, k, v = video_qkv(1, 2, 2, (4, 8, 8), 16, seed=3, sharpness=4.0)
+    threshold = torch.tensor(0.5)
+    config = BSAConfig(kv_threshold=threshold, block_size=32)
+    threshold.fill_(float("nan"))
+    _, stats = bsa_flex.attention(q, k, v, (4, 8, 8), config, return_stats=True)
+    _, dense_kv = bsa_flex.attention(q, k, v, (4, 8, 8), BSAConfig(kv_threshold=1.0, block_size=32), return_stats=True)
+    assert torch.equal(stats.selection.kv_blocks, dense_kv.selection.kv_blocks)

@@ -9,7 +9,8 @@ from einops import rearrange
 from .layout import TileLayout
 from .ordering import stable_argsort
 
-__all__ = ["KV_RULES", "pool_blocks", "kv_block_probs", "own_kv_blocks", "select_kv_blocks"]
+__all__ = ["KV_RULES", "ZSCORE_RANGE", "pool_blocks", "kv_block_probs", "own_kv_blocks", "select_kv_blocks",
+           "valid_threshold"]
 
 KV_RULES = ("cumulative", "zscore")
 
@@ -56,6 +57,18 @@ def own_kv_blocks(layout: TileLayout, keep_per_window: int, num_q_blocks: int) -
     return own & layout.kv_block_valid
 
 
+# The rules' valid ranges; a threshold tensor outside them acts as the nearest valid value, NaN as
+# the densest (a bad value never makes attention sparser than asked).
+ZSCORE_RANGE = (-1e6, 1e6)
+
+
+def valid_threshold(threshold: torch.Tensor, rule: str) -> torch.Tensor:
+    """The KV rule's number moved into its valid range: p into (0, 1], z into ZSCORE_RANGE; NaN densest."""
+    if rule == "cumulative":
+        return torch.where(threshold.isnan(), 1.0, threshold.clamp(torch.finfo(torch.float32).tiny, 1.0))
+    return torch.where(threshold.isnan(), ZSCORE_RANGE[0], threshold.clamp(*ZSCORE_RANGE))
+
+
 def _keep_sorted_by_rule(sorted_probs: torch.Tensor, sorted_valid: torch.Tensor,
                          threshold: torch.Tensor, rule: str) -> torch.Tensor:
     """Which blocks, in descending-probability order, the statistical threshold keeps.
@@ -84,7 +97,8 @@ def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: tor
     Every rule is applied in descending-probability order, then scattered back once.
     """
     order = stable_argsort(probs, descending=True)
-    keep_sorted = _keep_sorted_by_rule(probs.gather(-1, order), kv_block_valid[order], threshold, rule)
+    keep_sorted = _keep_sorted_by_rule(probs.gather(-1, order), kv_block_valid[order],
+                                       valid_threshold(threshold, rule), rule)
     rank = torch.arange(probs.shape[-1], device=probs.device)
     if max_blocks is not None:
         keep_sorted = keep_sorted & (rank < max_blocks)
