@@ -175,3 +175,31 @@ def test_cpu_training_inside_a_compiled_model_warns_and_equals_eager():
     torch.testing.assert_close(out, expected)
     for got, want in zip((q, k, v), leaves):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_cpu_training_never_holds_more_than_one_chunk_of_gathered_blocks(monkeypatch):
+    """The blockwise path attends chunks of query blocks and heads, each recomputed in the backward:
+    no tensor of its forward or backward grows past q, k or v's size (the gathered copies of every
+    selected block at once were larger than an S x S score matrix at real sizes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from bsa_flex import paths
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    monkeypatch.setattr(paths, "BLOCKWISE_CHUNK_BYTES", 2**20)
+    q, k, v = video_qkv(1, 4, 4, (8, 16, 16), 32, seed=0, sharpness=2.0, requires_grad=True)
+    with LargestTensor():
+        out, stats = bsa_flex.attention(q, k, v, (8, 16, 16), BSAConfig(block_size=64), return_stats=True)
+        out.sum().backward()
+    assert stats.kernel == "blockwise" and float(stats.kv_density.mean()) > 0.3  # many blocks gathered
+    assert LargestTensor.largest <= q.numel(), (LargestTensor.largest, q.numel())

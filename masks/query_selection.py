@@ -103,7 +103,10 @@ class _FillFromKept(torch.autograd.Function):
         rows = torch.arange(candidates.shape[0], device=candidates.device)
         copies = (fill_source[:, :, candidates] == rows[:, None]) & candidate_valid  # [B, H, Nq, w]
         accumulate = torch.promote_types(grad.dtype, torch.float32)
-        grad_kept = (grad[:, :, candidates].to(accumulate) * copies[..., None]).sum(3)
+        grad_kept = torch.zeros(*grad.shape[:2], candidates.shape[0], grad.shape[-1], dtype=accumulate,
+                                device=grad.device)
+        for j in range(candidates.shape[1]):  # candidate by candidate, in order: [B, H, Nq, D] at a time
+            grad_kept += grad[:, :, candidates[:, j]].to(accumulate) * copies[..., j, None]
         return grad_kept.to(grad.dtype), None, None, None
 
 
