@@ -19,7 +19,8 @@ from .paths import BSAEagerWarning
 from .plan import BSAPlan
 from .stats import collect_stats
 
-__all__ = ["BSARecompileWarning", "compile_static", "make_plan", "run_operator", "threshold_tensor"]
+__all__ = ["BSAFullgraphError", "BSARecompileWarning", "compile_static", "make_plan", "run_operator",
+           "threshold_tensor"]
 
 log = logging.getLogger("bsa_flex")
 
@@ -157,9 +158,27 @@ def run_operator(operator: Callable, q, k, v, plan: BSAPlan, return_stats: bool)
                   if plan.kernel == "blockwise" else
                   "a score_mod runs in bsa_flex's own compiled graph (the C++ FlexAttention template cannot "
                   "take it inside yours)")
+        _refuse_inside_fullgraph(reason)
         warnings.warn(f"bsa_flex: on CPU {reason}: a graph break in the compiled model", BSAEagerWarning,
                       stacklevel=3)
     return _run_plan_eagerly(operator, q, k, v, plan, return_stats)
+
+
+class BSAFullgraphError(RuntimeError):
+    """bsa_flex must break the caller's graph, and the caller compiled with fullgraph=True."""
+
+
+@torch.compiler.assume_constant_result
+def _refuse_inside_fullgraph(reason: str) -> bool:
+    """At trace time: raise a BSAFullgraphError that says what to do if the caller asked for fullgraph=True."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+    translator = InstructionTranslator.current_tx()
+    if getattr(translator, "one_graph", False) or getattr(translator, "error_on_graph_break", False):
+        raise BSAFullgraphError(
+            f"bsa_flex: on CPU {reason}, which needs a graph break, and the caller compiled with "
+            f"fullgraph=True: compile without fullgraph=True (bsa_flex then runs behind one graph break), "
+            f"train on CUDA (one graph there), or call bsa_flex outside the compiled function")
+    return False
 
 
 def _run_plan(operator: Callable, q, k, v, plan: BSAPlan, return_stats: bool):

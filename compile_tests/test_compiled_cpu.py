@@ -268,3 +268,17 @@ def test_nothing_of_size_s_squared_is_materialised():
              if isinstance(x, torch.Tensor)]
     assert len(sizes) > 100  # the whole operator was traced
     assert max(sizes) <= 2 * q.numel() and 100 * max(sizes) < S * S
+
+
+def test_cpu_training_inside_a_fullgraph_compile_stops_with_a_bsa_flex_error_saying_what_to_do():
+    case = CASES["gqa_padded"]
+    q, k, v = (t.requires_grad_() for t in case.inputs(12))
+    compiled = torch.compile(lambda q, k, v: bsa_flex.attention(q, k, v, case.video_shape, case.config,
+                                                                enable_gqa=True), fullgraph=True)
+    with pytest.raises(Exception, match="bsa_flex: on CPU with gradients.*fullgraph=True: compile without"):
+        compiled(q, k, v)
+    loose = torch.compile(lambda q, k, v: bsa_flex.attention(q, k, v, case.video_shape, case.config,
+                                                             enable_gqa=True))
+    with pytest.warns(bsa_flex.BSAEagerWarning, match="graph break"):  # without fullgraph: runs, equal to eager
+        got = loose(q, k, v)
+    torch.testing.assert_close(got, bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True))
