@@ -66,7 +66,22 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
                                                   kept.kept_token, plan)  # attend (block mask built inside)
     out = fill_from_kept(out_kept, kept, plan.layout, plan.keep_per_window)  # fill pruned queries, untile
     lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
+    out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, k, v))
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
+
+
+def non_finite_heads(q, k, v) -> torch.Tensor:
+    """[B, Hq] bool: the (batch, query head) whose q, or whose key/value head's k or v, holds a NaN or inf."""
+    def bad(x):
+        return ~x.detach().isfinite().all(-1).all(-1)  # [B, H], a reduction: no host sync
+    group = q.shape[1] // k.shape[1]
+    return bad(q) | (bad(k) | bad(v)).repeat_interleave(group, 1)
+
+
+def nan_where_non_finite(out: torch.Tensor, lse: torch.Tensor | None, bad: torch.Tensor):
+    """The whole output (and LSE) of every non-finite head as NaN, as dense attention would give it."""
+    out = torch.where(bad[..., None, None], float("nan"), out)
+    return out, None if lse is None else torch.where(bad[..., None], float("nan"), lse)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, config: BSAConfig | None = None,

@@ -140,3 +140,34 @@ def test_a_shadowing_masks_module_fails_naming_the_file(tmp_path):
     run = subprocess.run([sys.executable, "-c", "import bsa_flex"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode != 0 and "shadows bsa_flex's masks" in run.stderr and str(tmp_path / "masks.py") in run.stderr
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["flex_cpu", "blockwise"])
+@pytest.mark.parametrize("tensor,value", [("q", float("nan")), ("k", float("inf")), ("v", float("nan")),
+                                          ("q", float("-inf"))])
+def test_a_non_finite_value_makes_its_heads_output_nan_and_leaves_every_other_head_bit_identical(tensor, value,
+                                                                                                  grad):
+    """One bad entry: its (batch, head) - for k or v, every query head of that key head - is all NaN, on
+    every path; every other head's output and selection are exactly those of the clean run."""
+    from bsa_flex.synthetic import video_qkv
+    from bsa_flex.testing import check_selection
+    config = BSAConfig(block_size=16)
+    clean = video_qkv(2, 4, 2, (4, 8, 8), 16, seed=5, sharpness=4.0)
+    dirty = [t.clone() for t in clean]
+    dirty["qkv".index(tensor)][1, 1, 37, 3] = value  # batch 1, head 1 (key head 1: query heads 2, 3)
+    bad_heads = [1] if tensor == "q" else [2, 3]
+    runs = []
+    for inputs in (clean, dirty):
+        with torch.enable_grad():
+            leaves = [t.clone().requires_grad_(grad) for t in inputs]
+            out, stats = bsa_flex.attention(*leaves, (4, 8, 8), config, enable_gqa=True, return_stats=True)
+        runs.append((out.detach(), stats))
+    (want, want_stats), (got, got_stats) = runs
+    assert got_stats.kernel == ("blockwise" if grad else "flex_cpu")
+    check_selection(got_stats.selection, got_stats.layout, config)  # the bad heads' selection is well formed
+    assert bool(got[1, bad_heads].isnan().all())
+    good = torch.ones(2, 4, dtype=torch.bool)
+    good[1, bad_heads] = False
+    assert torch.equal(got[good], want[good])
+    for mine, theirs in zip(got_stats.selection, want_stats.selection):
+        assert torch.equal(mine[good], theirs[good])

@@ -19,10 +19,11 @@ def pool_blocks(x: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.
     """Mean of the real rows of each block: x [B, H, N, D], valid [..., N] -> [B, H, N/block, D] float32.
 
     Rows that are not real are excluded by selection, not by a zero weight, so that whatever
-    they hold (even inf or NaN) cannot leak into the mean.
+    they hold cannot leak into the mean; NaN and infinite entries of real rows count as 0 (a head
+    holding them still gets a well-formed selection; its output is NaN anyway).
     """
     valid = valid.expand(x.shape[:-1])
-    real = torch.where(valid[..., None], x.detach().float(), 0.0)
+    real = torch.where(valid[..., None], x.detach().float().nan_to_num(0.0, 0.0, 0.0), 0.0)
     total = rearrange(real, "b h (n s) d -> b h n s d", s=block_size).sum(-2)
     count = rearrange(valid, "b h (n s) -> b h n s", s=block_size).sum(-1, keepdim=True)
     return total / count.clamp_min(1)

@@ -120,10 +120,14 @@ def fill_from_kept(out_kept: torch.Tensor, kept: KeptQueries, layout: TileLayout
 
 
 def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Float32 unit-norm queries [B, H, n_windows, window_tokens, D]; zero queries stay zero."""
+    """Float32 unit-norm queries [B, H, n_windows, window_tokens, D]; zero queries stay zero.
+
+    NaN and infinite entries count as 0, so that a head holding them still gets a well-formed
+    selection (its output is NaN anyway) and finite heads are untouched.
+    """
     slots = layout.slot_token[: layout.num_video_slots]
-    qw = rearrange(q.detach().index_select(2, slots).float(), "b h (n w) d -> b h n w d",
-                   w=layout.window_tokens)
+    finite = q.detach().index_select(2, slots).float().nan_to_num(0.0, 0.0, 0.0)  # a bad head still selects
+    qw = rearrange(finite, "b h (n w) d -> b h n w d", w=layout.window_tokens)
     return F.normalize(qw, dim=-1, eps=1e-12)
 
 
