@@ -49,12 +49,13 @@ _RAISED_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_
 
 
 def _signature(operator: Callable, q, k, v, plan: BSAPlan) -> tuple:
-    """What one compiled graph is specialised to: shapes, dtype, device, grad mode, plan constants."""
+    """What one compiled graph is specialised to: shapes, strides, dtype, device, grad mode, plan constants."""
     config, layout = plan.config, plan.layout
     structural = (config.keep_per_window, config.tile, config.window, config.block_size, config.kv_rule,
                   config.min_kv_blocks, config.max_kv_blocks, config.fill)
-    return (operator, tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), _needs_grad(q, k, v), plan.kernel,
-            layout.video_shape, layout.num_prefix, layout.num_suffix, plan.scale, plan.score_mod, structural)
+    return (operator, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, str(q.device),
+            _needs_grad(q, k, v), plan.kernel, layout.video_shape, layout.num_prefix, layout.num_suffix, plan.scale,
+            plan.score_mod, structural)
 
 
 class _GraphLog:

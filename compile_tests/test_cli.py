@@ -68,3 +68,10 @@ def test_viz_to_an_unusable_folder_is_one_error_line(where, tmp_path, capsys):
     assert cli.main(["viz", "--out", str(tmp_path / where), "--video", "2x4x4", "--layers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bsa-flex viz: error:" in err and "Traceback" not in err
+
+
+def test_viz_prints_only_its_pictures(tmp_path, capsys, recwarn):
+    """No warning a user cannot act on (an expected compile is logged, not warned)."""
+    assert cli.main(["viz", "--out", str(tmp_path), "--video", "4x8x8", "--layers", "2"]) == 0
+    assert capsys.readouterr().out.count(".png") == 3
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning) and "bsa_flex" in str(w.message)]
