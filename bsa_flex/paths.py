@@ -162,9 +162,11 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, plan: BSAP
     bs, group = plan.layout.block_size, Hq // k_slots.shape[1]
     n_selected, order = ordered_kv_blocks(kv_blocks)
     block_bytes = 4 * B * bs * (2 * D + 2 * bs)  # float32 keys and values, scores and probabilities
-    train = torch.is_grad_enabled() and any(t.requires_grad for t in (q_kept, k_slots, v_slots))
+    chunks = _chunks(n_selected, order, block_bytes, group)
+    # one chunk holds at most its budget anyway: recompute only where chunks would pile up
+    recompute = len(chunks) > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (q_kept, k_slots, v_slots))
     by_head_group: dict[int, list] = {}
-    for chunk in _chunks(n_selected, order, block_bytes, group):
+    for chunk in chunks:
         heads, blocks = chunk.order.shape[1:3]
         if chunk.first_head not in by_head_group:  # one slice per head group: one gradient of its size
             kv_heads = slice(chunk.first_head // group, (chunk.first_head + heads - 1) // group + 1)
@@ -173,7 +175,7 @@ def attend_blockwise(q_kept, k_slots, v_slots, kv_blocks, kept_token, plan: BSAP
             by_head_group[chunk.first_head] = []
         rows = q_heads[:, :, chunk.first * bs:(chunk.first + blocks) * bs]
         args = (rows, k_heads, v_heads, chunk, kept_token, plan)
-        result = checkpoint(_attend_chunk, *args, use_reentrant=False) if train else _attend_chunk(*args)
+        result = checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args)
         by_head_group[chunk.first_head].append(result)
     out = torch.cat([torch.cat([o for o, _ in blocks], 2) for blocks in by_head_group.values()], 1)
     lse = torch.cat([torch.cat([lse for _, lse in blocks], 2) for blocks in by_head_group.values()], 1)
