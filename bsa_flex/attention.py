@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (KeptQueries, Selection, fill_from_kept, gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks,
-                   select_kv_blocks, select_queries, to_tile_major, video_query_rows)
+from masks import (KeptQueries, Selection, fill_from_kept, gather_tokens, kv_block_probs, pool_blocks, select_kv_blocks,
+                   select_queries, takes_own_output, to_tile_major, video_query_rows)
 
 from .config import BSAConfig
 from .paths import attend_path
@@ -43,7 +43,7 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
     video_rows = video_query_rows(layout, config.keep_per_window)  # non-video query rows follow
     probs = kv_block_probs(pool_blocks(q_kept[:, :, :video_rows], kept.kept_valid[..., :video_rows], bs),
                            pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_video, plan.scale)
-    own = own_kv_blocks(layout, config.keep_per_window, probs.shape[-2])
+    own = plan.static.own_kv_blocks if config.force_own_kv_blocks else None
     kv_blocks = select_kv_blocks(probs, own, layout.kv_block_video, threshold, config.kv_rule,
                                  min_blocks=config.min_kv_blocks, max_blocks=config.max_kv_blocks)  # select KV blocks
     if layout.text_slot_start < layout.num_slots:  # non-video keys for every query, every key for non-video queries
@@ -64,16 +64,26 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
     kept = ops.kept
     out_kept, lse_kept = attend_path(plan.kernel)(ops.q_kept, ops.k_slots, ops.v_slots, ops.kv_blocks,
                                                   kept.kept_token, plan)  # attend (block mask built inside)
-    out = fill_from_kept(out_kept, kept, plan.layout, plan.keep_per_window)  # fill pruned queries, untile
+    static = plan.static
+    out = fill_from_kept(out_kept, kept.fill_source, static.fill_candidates,
+                         static.fill_candidate_valid)  # fill pruned queries, untile
     lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
+    if plan.config.fill == "none":  # a pruned query attends to nothing: output 0, its residual passes through
+        out, lse = zero_where_pruned(out, lse, takes_own_output(kept))
     out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, k, v))
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
 
 
+def zero_where_pruned(out: torch.Tensor, lse: torch.Tensor | None, kept: torch.Tensor):
+    """Output 0 and LSE -inf (a query with no key) at every token that is not a kept query, kept [B, Hq, S]."""
+    out = torch.where(kept[..., None], out, 0.0)
+    return out, None if lse is None else torch.where(kept, lse, float("-inf"))
+
+
 def non_finite_heads(q, k, v) -> torch.Tensor:
     """[B, Hq] bool: the (batch, query head) whose q, or whose key/value head's k or v, holds a NaN or inf."""
-    def bad(x):
-        return ~x.detach().isfinite().all(-1).all(-1)  # [B, H], a reduction: no host sync
+    def bad(x):  # [B, H]: one reduction over the whole (S, D) plane (NaN propagates through amax), no host sync
+        return ~x.detach().flatten(2).abs().amax(-1).isfinite()
     group = q.shape[1] // k.shape[1]
     return bad(q) | (bad(k) | bad(v)).repeat_interleave(group, 1)
 

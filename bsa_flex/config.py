@@ -9,7 +9,7 @@ import torch
 from masks import FILL_POLICIES, KV_RULES, ZSCORE_RANGE
 
 from .kernels import KERNELS
-from .validation import check_choice, check_int, check_real, check_triple
+from .validation import check_bool, check_choice, check_int, check_real, check_triple
 
 __all__ = ["BSAConfig", "keep_count"]
 
@@ -29,8 +29,12 @@ class BSAConfig:
     KV side: per query block of ``block_size`` compact queries, KV blocks of ``block_size``
     tile-major tokens are chosen by ``kv_rule``: "cumulative" keeps the fewest blocks whose
     pooled attention mass reaches ``kv_threshold`` (1.0 keeps all), "zscore" keeps blocks above
-    mean + ``kv_zscore`` * std. ``min_kv_blocks`` most probable blocks and the query block's own
-    tiles are always kept; ``max_kv_blocks`` (a budget) caps what the rule adds.
+    mean + ``kv_zscore`` * std. The ``min_kv_blocks`` most probable blocks are always kept, and
+    with ``force_own_kv_blocks`` the KV blocks of the query block's own tiles too (off, the rule
+    alone decides, as in FastVideo's BSA); ``max_kv_blocks`` (a budget) caps what the rule adds.
+    ``fill``: the output a pruned query takes, its window's most similar kept query's
+    ("most_similar"), its centre's ("anchor"), the nearest kept query's in space-time
+    ("nearest"), or 0 ("none": in a residual block the token passes through unchanged).
 
     ``kernel`` picks the CUDA attention kernel: "flash" (FlashAttention-4 through FlexAttention's
     FLASH backend), "triton" (FlexAttention's Triton kernel) or "auto" (FLASH wherever it can
@@ -54,6 +58,7 @@ class BSAConfig:
     kv_rule: str = "cumulative"
     kv_zscore: float | torch.Tensor = 1.0
     fill: str = "most_similar"
+    force_own_kv_blocks: bool = True
     block_size: int = 128
     kernel: str = "auto"
 
@@ -69,6 +74,10 @@ class BSAConfig:
         check_int("BSAConfig.max_kv_blocks", self.max_kv_blocks, 1, optional=True)
         check_choice("BSAConfig.kv_rule", self.kv_rule, KV_RULES)
         check_choice("BSAConfig.fill", self.fill, FILL_POLICIES)
+        check_bool("BSAConfig.force_own_kv_blocks", self.force_own_kv_blocks)
+        if not self.force_own_kv_blocks and self.min_kv_blocks < 1:
+            raise ValueError("BSAConfig.force_own_kv_blocks=False needs min_kv_blocks >= 1: otherwise the "
+                             "z-score rule may leave a query block with no KV block at all")
         check_choice("BSAConfig.kernel", self.kernel, KERNELS)
         check_int("BSAConfig.block_size", self.block_size, 16)
         if self.block_size & (self.block_size - 1):

@@ -13,7 +13,7 @@ from torch import nn
 from .attention import attention
 from .config import BSAConfig, keep_count
 from .schedule import LayerSparsity
-from .validation import is_integer
+from .validation import check_triple, is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -58,11 +58,11 @@ def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0
 
 
 class SparsityControl:
-    """One attention layer's BSA setting, as a schedule steps it: dense, or a config at a kept count.
+    """One attention layer's BSA setting, as a schedule steps it: dense, or a config at a window and kept count.
 
     The KV threshold is one float32 tensor owned here and updated in place, so a compiled model
     never recompiles for it; the keep ratio is rounded to a whole number of kept queries per
-    window, with one config object per count (each count, and the dense mode, compiles once).
+    window, with one config object per (window, count) (each, and the dense mode, compiles once).
     """
 
     def __init__(self, bsa: BSAConfig | None):
@@ -73,15 +73,15 @@ class SparsityControl:
         self.last_stats: LayerStats | None = None
         if bsa is not None:
             self.threshold = torch.tensor(float(bsa.kv_threshold), dtype=torch.float32)
-            self._configs: dict[int, BSAConfig] = {}
-            self._config = self._config_for(bsa.keep_per_window)
+            self._configs: dict[tuple, BSAConfig] = {}
+            self._config = self._config_for(bsa.window, bsa.keep_per_window)
 
-    def _config_for(self, kept_per_window: int) -> BSAConfig:
-        if kept_per_window not in self._configs:
-            ratio = kept_per_window / math.prod(self.bsa.window)
-            self._configs[kept_per_window] = dataclasses.replace(
-                self.bsa, query_keep_ratio=ratio, kv_threshold=self.threshold)
-        return self._configs[kept_per_window]
+    def _config_for(self, window: tuple[int, int, int], kept_per_window: int) -> BSAConfig:
+        if (window, kept_per_window) not in self._configs:
+            ratio = kept_per_window / math.prod(window)
+            self._configs[window, kept_per_window] = dataclasses.replace(
+                self.bsa, window=window, query_keep_ratio=ratio, kv_threshold=self.threshold)
+        return self._configs[window, kept_per_window]
 
     @property
     def config(self) -> BSAConfig | None:
@@ -91,13 +91,14 @@ class SparsityControl:
     def to(self, device) -> None:
         """Move the threshold (kept float32) and rebind the configs to it."""
         if self.bsa is not None and self.threshold.device != torch.device(device):
-            kept = self._config.keep_per_window
+            window, kept = self._config.window, self._config.keep_per_window
             self.threshold = self.threshold.to(device)
             self._configs = {}
-            self._config = self._config_for(kept)
+            self._config = self._config_for(window, kept)
 
     def set_sparsity(self, setting: LayerSparsity) -> None:
-        """Dense, or BSA at a keep ratio (rounded to whole kept queries per window) and KV threshold."""
+        """Dense, or BSA at a window (None: the layer's), a keep ratio (rounded to whole kept queries per
+        window) and a KV threshold. A window that does not divide the layer's tile is a ValueError."""
         if setting.dense:
             self.dense = True
             return
@@ -108,8 +109,11 @@ class SparsityControl:
                              f"build the layer with kv_rule='cumulative'")
         if not 0.0 < setting.kv_threshold <= 1.0 or not 0.0 < setting.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio and kv_threshold must lie in (0, 1], got {setting}")
+        window = self.bsa.window if setting.window is None else check_triple("window", setting.window)
+        if any(t % w for t, w in zip(self.bsa.tile, window)):
+            raise ValueError(f"window {window} must divide this layer's tile {self.bsa.tile} on every axis")
         self.dense = False
-        self._config = self._config_for(keep_count(setting.keep_ratio, math.prod(self.bsa.window)))
+        self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)))
         self.threshold.fill_(setting.kv_threshold)
 
     def attention(self, q, k, v, video_shape) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from masks import TileLayout
+from masks import StaticSelection, TileLayout
 
 from .config import BSAConfig
 
@@ -18,7 +18,8 @@ class BSAPlan:
     config: the validated BSAConfig; layout: the tile layout of the call's sequence (cached per
     video shape, tile, window, block size, device and text tokens); kernel: what runs the
     attention, "flash", "triton", "flex_cpu" or "blockwise" (``bsa_flex.kernels``); scale: the
-    softmax scale; score_mod: the user's FlexAttention score_mod over raster positions, or None.
+    softmax scale; static: the layout's index tables for the kept count (cached with the layout);
+    score_mod: the user's FlexAttention score_mod over raster positions, or None.
     Made by ``bsa_flex.runtime.make_plan``; the operator reads it and never changes it.
     """
 
@@ -26,6 +27,7 @@ class BSAPlan:
     layout: TileLayout
     kernel: str
     scale: float
+    static: StaticSelection
     score_mod: Callable | None = None
 
     @property

@@ -4,6 +4,7 @@ eager CPU training path. The operator itself (``bsa_flex.attention``) knows none
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import warnings
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from masks import TileLayout, tile_layout
+from masks import StaticSelection, TileLayout, static_selection, tile_layout
 
 from .config import BSAConfig
 from .kernels import announce_kernel, choose_kernel, kernel_facts
@@ -49,13 +50,14 @@ _RAISED_RECOMPILE_LIMIT = torch._dynamo.config.patch(recompile_limit=_RECOMPILE_
 
 
 def _signature(operator: Callable, q, k, v, plan: BSAPlan) -> tuple:
-    """What one compiled graph is specialised to: shapes, strides, dtype, device, grad mode, plan constants."""
-    config, layout = plan.config, plan.layout
-    structural = (config.keep_per_window, config.tile, config.window, config.block_size, config.kv_rule,
-                  config.min_kv_blocks, config.max_kv_blocks, config.fill)
+    """What one compiled graph is specialised to: shapes, strides, dtype, device, grad and inference modes, plan constants."""
+    config = plan.config
+    fields = tuple(getattr(config, f.name) for f in dataclasses.fields(config)
+                   if f.name not in ("kv_threshold", "kv_zscore"))  # the thresholds never recompile
+    # the layout by identity: dynamo guards on the object, which the layout cache may rebuild
     return (operator, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, str(q.device),
-            _needs_grad(q, k, v), plan.kernel, layout.video_shape, layout.num_prefix, layout.num_suffix, plan.scale,
-            plan.score_mod, structural)
+            tuple(x.requires_grad for x in (q, k, v)), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            q.is_inference(), plan.kernel, id(plan.layout), plan.scale, plan.score_mod, fields)
 
 
 class _GraphLog:
@@ -108,6 +110,13 @@ def _layout(video_shape, tile, window, block_size: int, device: torch.device, te
     return tile_layout(video_shape, tile, window, block_size, device, text_tokens)
 
 
+@torch.compiler.assume_constant_result
+def _static(layout_key: tuple, keep_per_window: int) -> StaticSelection:
+    """The layout's cached index tables for a kept count; a constant to torch.compile (whose
+    constant functions take plain values, hence the layout's key rather than the layout)."""
+    return static_selection(tile_layout(*layout_key), keep_per_window)
+
+
 def threshold_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The KV rule's number as a 0-dim float32 tensor on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -136,8 +145,8 @@ def make_plan(q, k, v, video_shape: tuple[int, int, int], config: BSAConfig, *, 
     facts = kernel_facts(q, config.block_size, _needs_grad(q, k, v), score_mod is not None)
     kernel, reason = choose_kernel(config.kernel, facts)
     announce_kernel(kernel, reason)
-    layout = _layout(video_shape, config.tile, config.window, config.block_size, q.device, text_tokens)
-    return BSAPlan(config=config, layout=layout, kernel=kernel,
+    key = (video_shape, config.tile, config.window, config.block_size, q.device, text_tokens)
+    return BSAPlan(config=config, layout=_layout(*key), kernel=kernel, static=_static(key, config.keep_per_window),
                    scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
-from .validation import check_int, check_real, is_integer
+from .validation import check_choice, check_int, check_real, check_triple, is_integer
 
 __all__ = ["LayerSparsity", "SparsitySchedule"]
 
-_OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "dense")
+_OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "dense", "window")
+WINDOW_ALTERNATION = ("layer", "step")
 
 
 class LayerSparsity(NamedTuple):
@@ -17,6 +18,7 @@ class LayerSparsity(NamedTuple):
     dense: bool  # full attention (no BSA at all)
     keep_ratio: float  # BSA query keep ratio (ignored when dense)
     kv_threshold: float  # BSA KV threshold (ignored when dense)
+    window: tuple[int, int, int] | None = None  # BSA query window; None: the layer's own
 
 
 def _check_fraction(name: str, value) -> None:
@@ -36,13 +38,19 @@ class SparsitySchedule:
     from ``start_*`` to ``final_*`` over ``ramp_steps`` steps, changing only every ``every``
     steps (stairs; the paper's recipe raises sparsity by 0.03 every 30 steps up to 0.9).
     ``layer_overrides`` maps a layer index to replacements of ``final_keep_ratio``,
-    ``final_kv_threshold`` or ``dense``.
+    ``final_kv_threshold``, ``dense`` or ``window``.
+
+    Space/time strategies: ``windows`` (query windows, each dividing the layers' tile) cycles
+    by layer (``alternate="layer"``: layer i uses ``windows[i % n]``) or by stair
+    (``alternate="step"``: every ``every`` steps the next window), e.g. ``((1, 2, 2), (2, 1, 1))``
+    for spatial-only and temporal-only windows in turn. The keep ratio applies to each window's
+    token count. Empty: every layer keeps its own window.
 
     Cost of changing values (see :class:`bsa_flex.BSAttention`): the KV threshold lives in a
     tensor updated in place, so its ramp never recompiles; the keep ratio sets a shape (the
     number of kept queries), so each distinct kept count per window compiles once (at most
     one graph per count between start and final, e.g. 5 for 8 -> 4 in 2x2x2 windows), and so
-    does the switch from dense to sparse. Revisiting a value reuses its graph.
+    does the switch from dense to sparse, and each window. Revisiting a value reuses its graph.
     """
 
     final_keep_ratio: float = 0.5
@@ -53,7 +61,9 @@ class SparsitySchedule:
     start_keep_ratio: float = 1.0
     start_kv_threshold: float = 1.0
     dense_layers: int = 0
-    layer_overrides: Mapping[int, Mapping[str, float | bool]] = field(default_factory=dict)
+    layer_overrides: Mapping[int, Mapping[str, float | bool | tuple]] = field(default_factory=dict)
+    windows: tuple[tuple[int, int, int], ...] = ()
+    alternate: str = "layer"
 
     def __post_init__(self):
         for name in ("final_keep_ratio", "final_kv_threshold", "start_keep_ratio", "start_kv_threshold"):
@@ -62,6 +72,11 @@ class SparsitySchedule:
         _check_count("ramp_steps", self.ramp_steps, 0)
         _check_count("every", self.every, 1)
         _check_count("dense_layers", self.dense_layers, 0)
+        if not isinstance(self.windows, (tuple, list)):
+            raise TypeError(f"SparsitySchedule.windows must be a tuple of (t, h, w) windows, got {self.windows!r}")
+        object.__setattr__(self, "windows", tuple(check_triple(f"SparsitySchedule.windows[{i}]", w)
+                                                  for i, w in enumerate(self.windows)))
+        check_choice("SparsitySchedule.alternate", self.alternate, WINDOW_ALTERNATION)
         if not isinstance(self.layer_overrides, Mapping):
             raise TypeError(f"SparsitySchedule.layer_overrides must map layer index -> dict, "
                             f"got {type(self.layer_overrides).__name__}")
@@ -77,6 +92,8 @@ class SparsitySchedule:
                     _check_fraction(f"layer_overrides[{layer}][{name!r}]", override[name])
             if "dense" in override and not isinstance(override["dense"], bool):
                 raise TypeError(f"SparsitySchedule.layer_overrides[{layer}]['dense'] must be a bool")
+            if "window" in override:
+                check_triple(f"SparsitySchedule.layer_overrides[{layer}]['window']", override["window"])
 
     def progress(self, step: int) -> float:
         """Ramp progress in [0, 1] at ``step`` (a stair function; 1.0 once the ramp is over)."""
@@ -98,7 +115,15 @@ class SparsitySchedule:
         final_threshold = override.get("final_kv_threshold", self.final_kv_threshold)
         return LayerSparsity(dense=dense,
                              keep_ratio=self.start_keep_ratio + t * (final_keep - self.start_keep_ratio),
-                             kv_threshold=self.start_kv_threshold + t * (final_threshold - self.start_kv_threshold))
+                             kv_threshold=self.start_kv_threshold + t * (final_threshold - self.start_kv_threshold),
+                             window=override.get("window", self.window_at(step, layer)))
+
+    def window_at(self, step: int, layer: int) -> tuple[int, int, int] | None:
+        """The query window of ``windows`` for (step, layer), or None (the layer's own) without any."""
+        if not self.windows:
+            return None
+        turn = layer if self.alternate == "layer" else max(0, step - self.dense_steps) // self.every
+        return self.windows[turn % len(self.windows)]
 
     def apply(self, layers: Iterable, step: int) -> list[LayerSparsity]:
         """Set every layer (``BSAttention`` modules, in depth order) to its value at ``step``."""

@@ -57,11 +57,12 @@ def configs(draw, block_sizes=(16, 32), max_tile_side: int = 4) -> BSAConfig:
         query_keep_ratio=draw(st.sampled_from([0.125, 0.25, 0.5, 0.75, 1.0]) | st.floats(0.05, 1.0)),
         kv_threshold=draw(st.floats(0.05, 1.0)),
         tile=tile, window=window,
-        min_kv_blocks=draw(st.integers(0, 3)),
+        min_kv_blocks=(min_blocks := draw(st.integers(0, 3))),
         max_kv_blocks=draw(st.none() | st.integers(1, 4)),
         kv_rule=draw(st.sampled_from(KV_RULES)),
         kv_zscore=draw(st.floats(-1.0, 3.0)),
         fill=draw(st.sampled_from(FILL_POLICIES)),
+        force_own_kv_blocks=min_blocks == 0 or draw(st.booleans()),
         block_size=draw(st.sampled_from(block_sizes)),
     )
 
@@ -184,7 +185,7 @@ def assert_matches_oracle(q, k, v, video_shape, config: BSAConfig | None = None,
     ref_leaves = [t.detach().double().requires_grad_(check_grads) for t in (q, k, v)]
     ref_out, ref_lse = reference_attention(*ref_leaves, stats.selection, layout,
                                            scale=q.shape[-1] ** -0.5 if scale is None else scale,
-                                           score_mod=score_mod)
+                                           score_mod=score_mod, zero_pruned=config.fill == "none")
     tol = tolerances(q.dtype, q.device)
     torch.testing.assert_close(out.double(), ref_out, **tol, msg=lambda m: f"output vs oracle: {m}")
     if stats.lse is not None:

@@ -43,12 +43,17 @@ def test_lists_are_normalised_to_tuples():
     ("window", (3, 2, 2), ValueError), ("window", 2, TypeError),
     ("min_kv_blocks", -1, ValueError), ("min_kv_blocks", 1.0, TypeError),
     ("max_kv_blocks", 0, ValueError), ("max_kv_blocks", "4", TypeError),
-    ("kv_rule", "topk", ValueError), ("fill", "zero", ValueError),
+    ("kv_rule", "topk", ValueError), ("fill", "zero", ValueError), ("force_own_kv_blocks", 1, TypeError),
     ("block_size", 96, ValueError), ("block_size", 8, ValueError), ("block_size", 128.0, TypeError),
 ])
 def test_invalid_field_raises_naming_the_field(field, value, error):
     with pytest.raises(error, match=field):
         BSAConfig(**{field: value})
+
+
+def test_unforced_own_blocks_need_at_least_one_kv_block_per_query_block():
+    with pytest.raises(ValueError, match="force_own_kv_blocks=False needs min_kv_blocks >= 1"):
+        BSAConfig(force_own_kv_blocks=False, min_kv_blocks=0)
 
 
 def test_tensor_thresholds_are_accepted():

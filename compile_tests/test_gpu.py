@@ -15,8 +15,9 @@ from torch._dynamo.utils import counters
 
 import bsa_flex
 from bsa_flex import BSAConfig
+from bsa_flex.synthetic import video_qkv
 from bsa_flex.testing import assert_matches_oracle
-from masks import fill_from_kept, select_queries, tile_layout
+from masks import fill_from_kept, select_queries, static_selection, tile_layout
 
 from .cases import Case, relative_position_bias
 
@@ -277,7 +278,8 @@ def test_compiled_fill_backward_in_bf16_rounds_each_rows_sum_once():
     grad = torch.randint(-255, 256, (B, H, layout.num_tokens, 64), device=CUDA,
                          generator=torch.Generator(CUDA).manual_seed(2)) / 1024
     fill = torch.compile(fill_from_kept, fullgraph=True, dynamic=False)
-    fill(out_kept, kept, layout, config.keep_per_window).backward(grad.bfloat16())
+    static = static_selection(layout, config.keep_per_window)
+    fill(out_kept, kept.fill_source, static.fill_candidates, static.fill_candidate_valid).backward(grad.bfloat16())
     exact = torch.zeros(B, H, rows, 64, device=CUDA, dtype=torch.float64).scatter_add(
         2, kept.fill_source[..., None].expand(-1, -1, -1, 64), grad.double())
     assert torch.equal(out_kept.grad, exact.bfloat16())
@@ -350,3 +352,32 @@ def test_block_lists_on_cuda_are_exactly_the_ones_flex_would_build():
                                     ours.full_kv_indices, BLOCK_SIZE=ours.BLOCK_SIZE, seq_lengths=ours.seq_lengths)
     for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert torch.equal(getattr(ours, name), getattr(flex, name)), name
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("kernel", BOTH_KERNELS)
+@pytest.mark.parametrize("tensor,value", [("q", float("nan")), ("k", float("inf"))])
+def test_a_non_finite_value_makes_its_heads_output_nan_and_leaves_every_other_head_bit_identical(
+        tensor, value, kernel, grad):
+    """The CPU contract (test_inputs.py) on each CUDA kernel: the bad (batch, head) all NaN, no host sync."""
+    case = CASES["bf16_gqa"]
+    config = on(kernel, case.config)
+    clean = video_qkv(2, 4, 2, case.video_shape, 64, dtype=torch.bfloat16, device=CUDA, seed=5, sharpness=4.0)
+    dirty = [t.clone() for t in clean]
+    dirty["qkv".index(tensor)][1, 1, 37, 3] = value  # batch 1, head 1 (key head 1: query heads 2, 3)
+    bad_heads = [1] if tensor == "q" else [2, 3]
+    runs = []
+    for inputs in (clean, dirty):
+        leaves = [t.clone().requires_grad_(grad) for t in inputs]
+        out, stats = bsa_flex.attention(*leaves, case.video_shape, config, enable_gqa=True, return_stats=True)
+        if grad:
+            out.float().sum().backward()
+        runs.append((out.detach(), stats))
+    (want, want_stats), (got, got_stats) = runs
+    assert got_stats.kernel == kernel
+    assert bool(got[1, bad_heads].isnan().all())
+    good = torch.ones(2, 4, dtype=torch.bool, device=CUDA)
+    good[1, bad_heads] = False
+    assert torch.equal(got[good], want[good])
+    for mine, theirs in zip(got_stats.selection, want_stats.selection):
+        assert torch.equal(mine[good], theirs[good])

@@ -1,4 +1,6 @@
 """KV sparsity: block scores, the statistical threshold, and what is always / never kept."""
+import dataclasses
+
 import torch
 from hypothesis import given, strategies as st
 
@@ -183,3 +185,20 @@ def test_a_threshold_tensor_set_out_of_range_in_place_runs_as_the_nearest_valid_
     _, stats = bsa_flex.attention(q, k, v, (4, 8, 8), config, return_stats=True)
     _, dense_kv = bsa_flex.attention(q, k, v, (4, 8, 8), BSAConfig(kv_threshold=1.0, block_size=32), return_stats=True)
     assert torch.equal(stats.selection.kv_blocks, dense_kv.selection.kv_blocks)
+
+
+@given(attention_inputs(), configs())
+def test_unforced_own_blocks_leave_the_choice_to_the_rule(inputs, config):
+    """force_own_kv_blocks=False: the selection is the rule's (and min_kv_blocks') alone."""
+    import bsa_flex
+    config = dataclasses.replace(config, force_own_kv_blocks=False, min_kv_blocks=max(1, config.min_kv_blocks))
+    layout, kept, q_kept, k_slots = _pooled_inputs(inputs, config)
+    bs = config.block_size
+    probs = kv_block_probs(pool_blocks(q_kept, kept.kept_valid, bs), pool_blocks(k_slots, layout.slot_valid, bs),
+                           layout.kv_block_valid, q_kept.shape[-1] ** -0.5)
+    threshold = config.kv_rule_threshold
+    expected = select_kv_blocks(probs, None, layout.kv_block_valid, torch.tensor(threshold), config.kv_rule,
+                                min_blocks=config.min_kv_blocks, max_blocks=config.max_kv_blocks)
+    q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)  # the eager (blockwise) path: no compile
+    _, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa, return_stats=True)
+    assert torch.equal(stats.selection.kv_blocks[:, :, :probs.shape[-2]], expected)

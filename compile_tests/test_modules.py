@@ -69,6 +69,19 @@ def test_keep_ratio_is_rounded_to_whole_kept_queries_and_each_count_has_one_conf
     assert layer.config is first and float(first.kv_threshold) == 0.5
 
 
+def test_a_window_setting_applies_the_keep_ratio_to_that_window_with_one_config_per_window_and_count():
+    layer = _layer()
+    layer.set_sparsity(LayerSparsity(False, 0.5, 0.9, window=(1, 2, 2)))  # 2 of 4
+    spatial = layer.config
+    assert (spatial.window, spatial.keep_per_window) == ((1, 2, 2), 2)
+    layer.set_sparsity(LayerSparsity(False, 0.5, 0.9, window=(2, 1, 1)))  # 1 of 2
+    assert (layer.config.window, layer.config.keep_per_window) == ((2, 1, 1), 1)
+    layer.set_sparsity(LayerSparsity(False, 0.5, 0.7, window=(1, 2, 2)))
+    assert layer.config is spatial
+    with pytest.raises(ValueError, match="must divide this layer's tile"):
+        layer.set_sparsity(LayerSparsity(False, 0.5, 0.9, window=(3, 1, 1)))
+
+
 def test_threshold_is_one_float32_tensor_updated_in_place_even_after_a_dtype_cast():
     layer = _layer().to(torch.bfloat16)
     tensor = layer.config.kv_threshold
@@ -181,3 +194,24 @@ def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure
         if structure[step] == structure[step - 1]:
             assert new_graphs[step] == 0, f"step {step} recompiled with the structure unchanged"
     assert sum(new_graphs) <= len(set(structure))
+
+
+def test_alternating_windows_under_a_compiled_model_compile_once_each_and_are_reused():
+    """Spatial-only and full windows in turn, stair by stair, the threshold moving at every step."""
+    model = _TwoLayers()
+    compiled = torch.compile(model, dynamic=False)
+    schedule = SparsitySchedule(final_keep_ratio=0.5, start_keep_ratio=0.5, final_kv_threshold=0.6,
+                                start_kv_threshold=0.95, ramp_steps=5, every=1, windows=((1, 2, 2), (2, 2, 2)),
+                                alternate="step")
+    new_graphs = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", bsa_flex.BSARecompileWarning)
+        for step in range(6):
+            schedule.apply(model.attn, step)
+            x = _tokens(seed=step, batch=1)
+            before = counters["stats"]["unique_graphs"]
+            got = compiled(x)
+            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+            assert model.attn[0].config.window == ((1, 2, 2), (2, 2, 2))[step % 2]
+    assert new_graphs[2:] == [0, 0, 0, 0]  # both windows revisited with new thresholds: nothing compiles

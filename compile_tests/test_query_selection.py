@@ -1,9 +1,12 @@
 """Query sparsity: which queries each window keeps, and whose output each pruned query takes."""
+import dataclasses
+
 import torch
 from hypothesis import given, settings, strategies as st
 
+import bsa_flex
 from bsa_flex.testing import attention_inputs, configs
-from masks import fill_from_kept, gather_tokens, select_queries, tile_layout
+from masks import fill_from_kept, gather_tokens, select_queries, static_selection, tile_layout
 
 CPU = torch.device("cpu")
 
@@ -112,6 +115,38 @@ def test_pruned_tokens_copy_the_window_centre_under_anchor_fill(inputs, config):
 
 
 @given(attention_inputs(), configs())
+def test_pruned_tokens_copy_the_nearest_kept_query_of_their_window_under_nearest_fill(inputs, config):
+    layout, kept = select(inputs, config, fill="nearest")
+    T, H, W = inputs.video_shape
+    source = kept.kept_token.gather(2, kept.fill_source) - layout.num_prefix  # video token indices
+    token = torch.arange(layout.num_tokens) - layout.num_prefix
+    is_video = (token >= 0) & (token < T * H * W)
+
+    def coords(t):
+        return torch.stack([t // (H * W), t // W % H, t % W], -1).float()
+    distance = (coords(source) - coords(token)).square().sum(-1)  # [B, H, S]
+    # brute force: the smallest distance to any real kept query of the same window
+    window = layout.token_slot // layout.window_tokens
+    kept_tokens = kept.kept_token - layout.num_prefix
+    same_window = (window[kept.kept_token][..., None, :] == window[:, None]) & kept.kept_valid[..., None, :]
+    all_distances = (coords(kept_tokens)[..., None, :, :] - coords(token)[:, None]).square().sum(-1)
+    nearest = all_distances.masked_fill(~same_window, float("inf")).min(-1).values
+    assert torch.equal(distance[..., is_video], nearest[..., is_video])
+
+
+@given(attention_inputs(requires_grad=True), configs())
+def test_none_fill_gives_pruned_tokens_output_zero_and_no_gradient(inputs, config):
+    config = dataclasses.replace(config, fill="none")
+    q, k, v = inputs.qkv
+    out, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                                    return_stats=True)
+    pruned = ~kept_mask(select(inputs, config)[1], out.shape[2])
+    assert not bool(out[pruned].any())
+    out.sum().backward()
+    assert not bool(q.grad[pruned].any())  # a pruned query reaches only the (detached) selection
+
+
+@given(attention_inputs(), configs())
 def test_keep_ratio_one_keeps_every_token(inputs, config):
     from dataclasses import replace
     config = replace(config, query_keep_ratio=1.0)
@@ -156,7 +191,8 @@ def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_r
     g = torch.Generator().manual_seed(0)
     out_kept = torch.randn(B, H, rows, 3, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(B, H, layout.num_tokens, 3, dtype=torch.float64, generator=g)
-    out = fill_from_kept(out_kept, kept, layout, config.keep_per_window)
+    static = static_selection(layout, config.keep_per_window)
+    out = fill_from_kept(out_kept, kept.fill_source, static.fill_candidates, static.fill_candidate_valid)
     out.backward(grad)
     assert torch.equal(out, gather_tokens(out_kept, kept.fill_source))
     expected = torch.zeros_like(out_kept).scatter_add(2, kept.fill_source[..., None].expand(-1, -1, -1, 3), grad)

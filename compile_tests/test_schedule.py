@@ -53,8 +53,8 @@ def test_layer_overrides_replace_the_final_values_of_that_layer_only():
     schedule = SparsitySchedule(final_keep_ratio=0.5, final_kv_threshold=0.9,
                                 layer_overrides={1: {"final_keep_ratio": 0.75, "final_kv_threshold": 0.95},
                                                  2: {"dense": True}})
-    assert schedule.at(10, 0)[1:] == (0.5, 0.9)
-    assert schedule.at(10, 1)[1:] == (0.75, 0.95)
+    assert schedule.at(10, 0)[1:3] == (0.5, 0.9)
+    assert schedule.at(10, 1)[1:3] == (0.75, 0.95)
     assert schedule.at(10, 2).dense and not schedule.at(10, 3).dense
 
 
@@ -77,6 +77,10 @@ def test_the_papers_recipe_raises_sparsity_every_30_steps():
     ({"layer_overrides": {0: {"final_keep_ratio": 2.0}}}, ValueError, "final_keep_ratio"),
     ({"layer_overrides": {-1: {}}}, TypeError, "layer indices"),
     ({"layer_overrides": [(0, {})]}, TypeError, "layer_overrides"),
+    ({"layer_overrides": {0: {"window": (2, 2)}}}, TypeError, "window"),
+    ({"windows": ((1, 2, 2), (0, 1, 1))}, ValueError, r"windows\[1\]"),
+    ({"windows": (1, 2, 2)}, TypeError, r"windows\[0\]"),
+    ({"alternate": "frame"}, ValueError, "alternate"),
 ])
 def test_invalid_schedules_are_rejected_naming_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -86,3 +90,17 @@ def test_invalid_schedules_are_rejected_naming_the_field(kwargs, error, match):
 def test_negative_step_is_rejected():
     with pytest.raises(ValueError, match="step"):
         SparsitySchedule().at(-1, 0)
+
+
+def test_windows_alternate_by_layer_and_a_layer_override_wins():
+    schedule = SparsitySchedule(windows=((1, 2, 2), (2, 1, 1)), layer_overrides={3: {"window": (2, 2, 2)}})
+    assert [schedule.at(5, layer).window for layer in range(4)] == [(1, 2, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2)]
+
+
+def test_windows_alternate_by_stair_after_the_warm_up():
+    schedule = SparsitySchedule(windows=([1, 2, 2], [2, 1, 1]), alternate="step", dense_steps=10, every=5)
+    assert [schedule.at(step, 0).window for step in (10, 14, 15, 20)] == [(1, 2, 2), (1, 2, 2), (2, 1, 1), (1, 2, 2)]
+
+
+def test_without_windows_every_layer_keeps_its_own():
+    assert SparsitySchedule().at(3, 2).window is None

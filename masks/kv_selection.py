@@ -87,13 +87,14 @@ def _keep_sorted_by_rule(sorted_probs: torch.Tensor, sorted_valid: torch.Tensor,
     return sorted_probs >= mean + threshold * var.sqrt()
 
 
-def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: torch.Tensor,
+def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor | None, kv_block_valid: torch.Tensor,
                      threshold: torch.Tensor, rule: str, *, min_blocks: int,
                      max_blocks: int | None) -> torch.Tensor:
     """The boolean block matrix [B, Hq, nq, nkv] of KV blocks each query block attends to.
 
     The threshold rule decides, capped at ``max_blocks``; the ``min_blocks`` most probable
-    blocks and the query block's own tiles are always kept; blocks without a real token never.
+    blocks and the ``own`` blocks ([nq, nkv] bool, e.g. the query block's own tiles; None for
+    none) are always kept; blocks without a real token never.
     Ties in probability resolve by block index (stable sort), so the result is reproducible.
     Every rule is applied in descending-probability order, then scattered back once.
     """
@@ -103,5 +104,8 @@ def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor, kv_block_valid: tor
     rank = torch.arange(probs.shape[-1], device=probs.device)
     if max_blocks is not None:
         keep_sorted = keep_sorted & (rank < max_blocks)
-    keep_sorted = (keep_sorted | (rank < min_blocks) | own.expand_as(probs).gather(-1, order)) & kv_block_valid[order]
+    keep_sorted = keep_sorted | (rank < min_blocks)
+    if own is not None:
+        keep_sorted = keep_sorted | own.expand_as(probs).gather(-1, order)
+    keep_sorted = keep_sorted & kv_block_valid[order]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)

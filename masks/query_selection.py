@@ -1,5 +1,6 @@
 """Query sparsity: inside every window of a tile keep the centre token and the queries least
-similar to it; every pruned query later copies the output of a kept query of its window."""
+similar to it; every pruned query later takes the output of a kept query of its window (or, with
+the fill rule "none", the output 0)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -12,9 +13,11 @@ from .layout import TileLayout
 from .ordering import stable_ranks
 
 __all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major",
-           "fill_candidates", "fill_from_kept"]
+           "fill_candidates", "fill_from_kept", "takes_own_output"]
 
-FILL_POLICIES = ("most_similar", "anchor")
+# Which kept query's output a pruned query takes: the most similar one (cosine), the window's
+# centre, the nearest in space-time (ties: the earliest kept), or none (the output is 0).
+FILL_POLICIES = ("most_similar", "anchor", "nearest", "none")
 
 
 class KeptQueries(NamedTuple):
@@ -110,13 +113,20 @@ class _FillFromKept(torch.autograd.Function):
         return grad_kept.to(grad.dtype), None, None, None
 
 
-def fill_from_kept(out_kept: torch.Tensor, kept: KeptQueries, layout: TileLayout, keep_per_window: int) -> torch.Tensor:
+def fill_from_kept(out_kept: torch.Tensor, fill_source: torch.Tensor, candidates: torch.Tensor,
+                   candidate_valid: torch.Tensor) -> torch.Tensor:
     """Every token's output copied from its kept row: [B, H, Nq, D] -> [B, H, S, D] in raster order.
 
-    The same as ``gather_tokens(out_kept, kept.fill_source)``, with a deterministic backward.
+    The same as ``gather_tokens(out_kept, fill_source)``, with a deterministic backward;
+    ``candidates``/``candidate_valid`` [Nq, c] from :func:`fill_candidates` (or ``static_selection``).
     """
-    candidates, candidate_valid = fill_candidates(layout, keep_per_window, out_kept.shape[2])
-    return _FillFromKept.apply(out_kept, kept.fill_source, candidates, candidate_valid)
+    return _FillFromKept.apply(out_kept, fill_source, candidates, candidate_valid)
+
+
+def takes_own_output(kept: KeptQueries) -> torch.Tensor:
+    """[B, H, S] bool: the token is a kept query (its output is its own attention's), not a pruned one."""
+    token = torch.arange(kept.fill_source.shape[-1], device=kept.fill_source.device)
+    return kept.kept_token.gather(2, kept.fill_source) == token
 
 
 def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -146,20 +156,30 @@ def _fill_rank(unit_q: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch
                layout: TileLayout, fill: str) -> torch.Tensor:
     """[B, H, n, w] rank (within the window's kept list) of the kept query each slot copies.
 
-    A kept query copies itself; a pruned query the preferred real kept query of its window:
-    the most similar one ("most_similar", ties to the lowest rank) or the centre ("anchor").
+    A kept query copies itself; a pruned query the preferred real kept query of its window (ties to
+    the lowest rank): the most similar one ("most_similar"), the nearest in space-time ("nearest")
+    or the centre ("anchor"; also the row "none" records, whose output is 0 instead).
     """
     w = layout.window_tokens
     local = torch.arange(w, device=kept_local.device)
     if fill == "most_similar":
         kept_q = unit_q.gather(3, kept_local[..., None].expand(-1, -1, -1, -1, unit_q.shape[-1]))
         preference = unit_q @ kept_q.transpose(-1, -2)
+    elif fill == "nearest":
+        preference = -_window_distances(layout.window, kept_local.device)[:, kept_local].movedim(0, -2)
     else:
         is_anchor = kept_local == layout.window_anchor[:, None]
         preference = is_anchor.float()[..., None, :].expand(-1, -1, -1, w, -1)
     preference = preference.masked_fill(~kept_valid[..., None, :], float("-inf"))
     is_self = kept_local[..., None, :] == local[:, None]
     return preference.masked_fill(is_self, float("inf")).argmax(-1)
+
+
+def _window_distances(window: tuple[int, int, int], device) -> torch.Tensor:
+    """[w, w] float32 squared space-time distances between the positions of a window (raster inside it)."""
+    axes = [torch.arange(n, device=device) for n in window]
+    position = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).float()
+    return (position[:, None] - position[None, :]).square().sum(-1)
 
 
 def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -44,13 +44,14 @@ def token_mask(selection: Selection, layout: TileLayout) -> torch.Tensor:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                        layout: TileLayout, *, scale: float,
-                        score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        layout: TileLayout, *, scale: float, score_mod: Callable | None = None,
+                        zero_pruned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 masked attention of the kept queries, then the fill rule; returns (out, lse).
 
     q: [B, Hq, S, D]; k, v: [B, Hkv, S, D] (Hq a multiple of Hkv). score_mod is called on
     broadcastable index tensors with raster positions. out: [B, Hq, S, D] float64; lse:
-    [B, Hq, S] natural log, each pruned token carrying its source's value.
+    [B, Hq, S] natural log, each pruned token carrying its source's value, or with
+    ``zero_pruned`` (the fill rule "none") output 0 and LSE -inf, as a query with no key.
     """
     B, Hq, S, _ = q.shape
     group = Hq // k.shape[1]
@@ -69,7 +70,11 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selec
     lse = scores.logsumexp(-1)
     out = (scores - lse[..., None]).exp() @ v64
     source = selection.kept_token.gather(2, selection.fill_source)  # raster token each output copies
-    return out.gather(2, source[..., None].expand_as(out)), lse.gather(2, source)
+    out, lse = out.gather(2, source[..., None].expand_as(out)), lse.gather(2, source)
+    if zero_pruned:
+        pruned = ~kept[..., 0]
+        out, lse = out.masked_fill(pruned[..., None], 0.0), lse.masked_fill(pruned, float("-inf"))
+    return out, lse
 
 
 def tokens_with_same_selection(a: Selection, b: Selection, block_size: int) -> torch.Tensor:
