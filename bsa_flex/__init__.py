@@ -19,10 +19,11 @@ _check_masks_is_ours()
 from .attention import BSARecompileWarning, attention  # noqa: E402
 from .config import BSAConfig
 from .modules import BSAttention, LayerStats, layer_stats, rope_3d
+from .order import TokenOrder, tile_order
 from .paths import BSAEagerWarning
 from .schedule import LayerSparsity, SparsitySchedule
 from .stats import BSAStats
 
 __all__ = ["attention", "BSAConfig", "BSAStats", "BSARecompileWarning", "BSAEagerWarning", "BSAttention",
-           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "LayerSparsity"]
+           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "LayerSparsity", "TokenOrder", "tile_order"]
 __version__ = "0.1.0"

@@ -18,9 +18,11 @@ from .paths import attend_path
 from .plan import BSAPlan
 from .runtime import BSARecompileWarning, make_plan, run_operator
 from .stats import BSAStats
-from .validation import check_inputs, check_text_tokens
+from .validation import check_choice, check_inputs, check_text_tokens
 
-__all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning"]
+__all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning", "TOKEN_ORDERS"]
+
+TOKEN_ORDERS = ("raster", "tile")
 
 
 class SparseOperands(NamedTuple):
@@ -37,9 +39,10 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
     """Tile, select queries, select KV blocks: every step of BSA before the attention kernel."""
     layout, config = plan.layout, plan.config
     bs = layout.block_size
-    kept = select_queries(q, layout, config.keep_per_window, config.fill)  # tile, select queries
-    q_kept = gather_tokens(q, kept.kept_token)  # compact queries
-    k_slots, v_slots = to_tile_major(k, layout), to_tile_major(v, layout)
+    tiled = plan.in_tile_order
+    kept = select_queries(q, layout, config.keep_per_window, config.fill, tiled)  # tile, select queries
+    q_kept = gather_tokens(q, layout.tile_position[kept.kept_token] if tiled else kept.kept_token)  # compact queries
+    k_slots, v_slots = to_tile_major(k, layout, tiled), to_tile_major(v, layout, tiled)
     video_rows = video_query_rows(layout, config.keep_per_window)  # non-video query rows follow
     probs = kv_block_probs(pool_blocks(q_kept[:, :, :video_rows], kept.kept_valid[..., :video_rows], bs),
                            pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_video, plan.scale)
@@ -64,14 +67,23 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
     kept = ops.kept
     out_kept, lse_kept = attend_path(plan.kernel)(ops.q_kept, ops.k_slots, ops.v_slots, ops.kv_blocks,
                                                   kept.kept_token, plan)  # attend (block mask built inside)
-    static = plan.static
-    out = fill_from_kept(out_kept, kept.fill_source, static.fill_candidates,
-                         static.fill_candidate_valid)  # fill pruned queries, untile
-    lse = None if lse_kept is None else lse_kept.gather(2, kept.fill_source)
+    fill_source, candidates = fill_in_input_order(kept, plan)
+    out = fill_from_kept(out_kept, fill_source, candidates, plan.static.fill_candidate_valid)  # fill, untile
+    lse = None if lse_kept is None else lse_kept.gather(2, fill_source)
     if plan.config.fill == "none":  # a pruned query attends to nothing: output 0, its residual passes through
-        out, lse = zero_where_pruned(out, lse, takes_own_output(kept))
+        own = takes_own_output(kept)
+        out, lse = zero_where_pruned(out, lse, own[..., plan.layout.tile_order] if plan.in_tile_order else own)
     out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, k, v))
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
+
+
+def fill_in_input_order(kept: KeptQueries, plan: BSAPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fill source of every output row [B, H, S] and the fill's candidate rows [Nq, c], in q's token order."""
+    candidates = plan.static.fill_candidates
+    if not plan.in_tile_order:
+        return kept.fill_source, candidates
+    layout = plan.layout
+    return kept.fill_source[..., layout.tile_order], layout.tile_position[candidates]
 
 
 def zero_where_pruned(out: torch.Tensor, lse: torch.Tensor | None, kept: torch.Tensor):
@@ -96,7 +108,7 @@ def nan_where_non_finite(out: torch.Tensor, lse: torch.Tensor | None, bad: torch
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, config: BSAConfig | None = None,
               *, scale: float | None = None, enable_gqa: bool = False, score_mod: Callable | None = None,
-              prefix_tokens: int = 0, suffix_tokens: int = 0,
+              prefix_tokens: int = 0, suffix_tokens: int = 0, token_order: str = "raster",
               return_stats: bool = False) -> torch.Tensor | tuple[torch.Tensor, BSAStats]:
     """Bidirectional Sparse Attention over a video's tokens.
 
@@ -113,6 +125,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     every one of them is a query over all keys, and every video query attends to all of them as
     keys besides its selected video KV blocks (the KV rule ranks video blocks only).
 
+    ``token_order="tile"``: q, k, v come (and out returns) in the tile order of
+    :func:`bsa_flex.tile_order` instead of sequence order, so that a model that permutes its tokens
+    once keeps them so across its layers; a video without tile padding then needs no permutation
+    of k and v here. ``score_mod`` and the stats still speak sequence positions.
+
     On CUDA, and on CPU without gradients, the operator runs as one compiled graph around
     FlexAttention, on CUDA with the kernel ``config.kernel`` asks for (FlashAttention-4 where
     it can run, by default); on CPU with gradients it runs the blockwise PyTorch path (eagerly).
@@ -121,5 +138,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shape, co
     text = check_text_tokens(prefix_tokens, suffix_tokens)
     video_shape = check_inputs(q, k, v, video_shape, config, scale=scale, enable_gqa=enable_gqa,
                                score_mod=score_mod, text_tokens=text)
-    plan = make_plan(q, k, v, video_shape, config, scale=scale, score_mod=score_mod, text_tokens=text)
+    check_choice("token_order", token_order, TOKEN_ORDERS)
+    plan = make_plan(q, k, v, video_shape, config, scale=scale, score_mod=score_mod, text_tokens=text,
+                     token_order=token_order)
     return run_operator(sparse_attention, q, k, v, plan, return_stats)

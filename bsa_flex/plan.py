@@ -19,7 +19,8 @@ class BSAPlan:
     video shape, tile, window, block size, device and text tokens); kernel: what runs the
     attention, "flash", "triton", "flex_cpu" or "blockwise" (``bsa_flex.kernels``); scale: the
     softmax scale; static: the layout's index tables for the kept count (cached with the layout);
-    score_mod: the user's FlexAttention score_mod over raster positions, or None.
+    score_mod: the user's FlexAttention score_mod over raster positions, or None; token_order:
+    "raster" (q, k, v and out in sequence order) or "tile" (in ``layout.tile_order``).
     Made by ``bsa_flex.runtime.make_plan``; the operator reads it and never changes it.
     """
 
@@ -29,6 +30,12 @@ class BSAPlan:
     scale: float
     static: StaticSelection
     score_mod: Callable | None = None
+    token_order: str = "raster"
+
+    @property
+    def in_tile_order(self) -> bool:
+        """q, k, v and the output are in the layout's tile order, not in sequence order."""
+        return self.token_order == "tile"
 
     @property
     def keep_per_window(self) -> int:

@@ -57,7 +57,7 @@ def _signature(operator: Callable, q, k, v, plan: BSAPlan) -> tuple:
     # the layout by identity: dynamo guards on the object, which the layout cache may rebuild
     return (operator, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, str(q.device),
             tuple(x.requires_grad for x in (q, k, v)), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            q.is_inference(), plan.kernel, id(plan.layout), plan.scale, plan.score_mod, fields)
+            q.is_inference(), plan.kernel, id(plan.layout), plan.scale, plan.score_mod, plan.token_order, fields)
 
 
 class _GraphLog:
@@ -140,14 +140,16 @@ def _needs_grad(q, k, v) -> bool:
 
 
 def make_plan(q, k, v, video_shape: tuple[int, int, int], config: BSAConfig, *, scale: float | None = None,
-              score_mod: Callable | None = None, text_tokens: tuple[int, int] = (0, 0)) -> BSAPlan:
+              score_mod: Callable | None = None, text_tokens: tuple[int, int] = (0, 0),
+              token_order: str = "raster") -> BSAPlan:
     """The plan of one call on validated inputs: layout, kernel (logged once), scale, score_mod."""
     facts = kernel_facts(q, config.block_size, _needs_grad(q, k, v), score_mod is not None)
     kernel, reason = choose_kernel(config.kernel, facts)
     announce_kernel(kernel, reason)
     key = (video_shape, config.tile, config.window, config.block_size, q.device, text_tokens)
     return BSAPlan(config=config, layout=_layout(*key), kernel=kernel, static=_static(key, config.keep_per_window),
-                   scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod)
+                   scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod,
+                   token_order=token_order)
 
 
 def run_operator(operator: Callable, q, k, v, plan: BSAPlan, return_stats: bool):

@@ -8,6 +8,10 @@ multiples of the tile are padded; the slot list is then padded once more to whol
 Padding slots carry no token (``slot_valid`` is False) and point at token 0 so that gathers
 stay in range; every consumer masks them.
 
+The *tile order* of a sequence is its tokens in slot order with the padding dropped (video tiles
+first, then any non-video tokens): a model may keep its tokens in that order, and then keys and
+values of a video without padding need no permutation at all.
+
 Joint attention: the sequence may hold ``prefix`` non-video tokens (e.g. text) before the video
 and ``suffix`` after it. They are never tiled or pruned: their slots follow the video's, in
 sequence order, padded to whole KV blocks, so that they form their own KV blocks (and query
@@ -52,6 +56,8 @@ class TileLayout:
     slot_token: torch.Tensor  # [num_slots] int64: sequence index of the token in each slot (0 for padding)
     slot_valid: torch.Tensor  # [num_slots] bool: the slot holds a real token
     token_slot: torch.Tensor  # [num_tokens] int64: slot of each token of the sequence
+    tile_order: torch.Tensor  # [num_tokens] int64: the sequence's tokens in slot order (padding dropped)
+    tile_position: torch.Tensor  # [num_tokens] int64: each token's position in tile_order (its inverse)
     window_anchor: torch.Tensor  # [num_windows] int64: index inside the window of its centre token
     kv_block_valid_count: torch.Tensor  # [num_kv_blocks] int64: real tokens per KV block
     kv_block_valid: torch.Tensor  # [num_kv_blocks] bool: the block holds at least one real token
@@ -101,6 +107,16 @@ def _slots(video_shape, tile, window, block_size: int, text_tokens: tuple[int, i
     return slot_token, slot_valid, text_start
 
 
+def _token_maps(slot_token: np.ndarray, slot_valid: np.ndarray):
+    """(token_slot, tile_order, tile_position) as numpy: each token's slot, the tokens in slot order
+    without padding, and each token's place in that order."""
+    tile_order = slot_token[slot_valid]
+    token_slot, tile_position = np.empty_like(tile_order), np.empty_like(tile_order)
+    token_slot[tile_order] = np.flatnonzero(slot_valid)
+    tile_position[tile_order] = np.arange(tile_order.shape[0])
+    return token_slot, tile_order, tile_position
+
+
 @functools.lru_cache(maxsize=64)
 def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
                 window: tuple[int, int, int], block_size: int, device: torch.device,
@@ -114,8 +130,7 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
     anchors = _window_anchors(slot_valid[:math.prod(-(-n // t) * t for n, t in zip(video_shape, tile))]
                               .reshape(-1, math.prod(window)), window)
     num_video, n_slots = math.prod(video_shape), slot_token.shape[0]
-    token_slot = np.empty(prefix + num_video + suffix, dtype=np.int64)
-    token_slot[slot_token[slot_valid]] = np.flatnonzero(slot_valid)
+    token_slot, tile_order, tile_position = _token_maps(slot_token, slot_valid)
     block_count = slot_valid.reshape(-1, block_size).sum(1)
     is_text_block = np.arange(n_slots // block_size) >= text_start // block_size
 
@@ -132,7 +147,8 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
         num_windows=num_tiles * tile_tokens // window_tokens, num_video_slots=num_tiles * tile_tokens,
         text_slot_start=text_start, num_slots=n_slots, num_kv_blocks=n_slots // block_size,
         slot_token=as_tensor(slot_token, torch.int64), slot_valid=as_tensor(slot_valid, torch.bool),
-        token_slot=as_tensor(token_slot, torch.int64), window_anchor=as_tensor(anchors, torch.int64),
+        token_slot=as_tensor(token_slot, torch.int64), tile_order=as_tensor(tile_order, torch.int64),
+        tile_position=as_tensor(tile_position, torch.int64), window_anchor=as_tensor(anchors, torch.int64),
         kv_block_valid_count=as_tensor(block_count, torch.int64),
         kv_block_valid=as_tensor(block_count > 0, torch.bool),
         kv_block_partial=as_tensor((block_count > 0) & (block_count < block_size), torch.bool),

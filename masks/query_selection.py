@@ -54,12 +54,18 @@ class _ToTileMajor(torch.autograd.Function):
         return grad.index_select(2, token_slot), None, None
 
 
-def to_tile_major(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Raster [B, H, S, D] -> tile-major slots [B, H, n_slots, D] (padding slots hold token 0).
+def to_tile_major(x: torch.Tensor, layout: TileLayout, in_tile_order: bool = False) -> torch.Tensor:
+    """[B, H, S, D] in sequence order (or ``in_tile_order``) -> tile-major slots [B, H, n_slots, D].
 
-    Only for keys and values: the backward drops the gradient of padding slots (zero there).
+    Padding slots hold token 0. In tile order without padding slots, x already is the slot order
+    and is returned as is (no copy). Only for keys and values: the backward drops the gradient of
+    padding slots (zero there).
     """
-    return _ToTileMajor.apply(x, layout.slot_token, layout.token_slot)
+    if not in_tile_order:
+        return _ToTileMajor.apply(x, layout.slot_token, layout.token_slot)
+    if layout.num_slots == layout.num_tokens:
+        return x
+    return _ToTileMajor.apply(x, layout.tile_position[layout.slot_token], layout.token_slot[layout.tile_order])
 
 
 def fill_candidates(layout: TileLayout, keep_per_window: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,14 +135,15 @@ def takes_own_output(kept: KeptQueries) -> torch.Tensor:
     return kept.kept_token.gather(2, kept.fill_source) == token
 
 
-def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+def _unit_queries_by_window(q: torch.Tensor, layout: TileLayout, in_tile_order: bool) -> torch.Tensor:
     """Float32 unit-norm queries [B, H, n_windows, window_tokens, D]; zero queries stay zero.
 
     NaN and infinite entries count as 0, so that a head holding them still gets a well-formed
     selection (its output is NaN anyway) and finite heads are untouched.
     """
     slots = layout.slot_token[: layout.num_video_slots]
-    finite = q.detach().index_select(2, slots).float().nan_to_num(0.0, 0.0, 0.0)  # a bad head still selects
+    rows = layout.tile_position[slots] if in_tile_order else slots
+    finite = q.detach().index_select(2, rows).float().nan_to_num(0.0, 0.0, 0.0)  # a bad head still selects
     qw = rearrange(finite, "b h (n w) d -> b h n w d", w=layout.window_tokens)
     return F.normalize(qw, dim=-1, eps=1e-12)
 
@@ -182,7 +189,8 @@ def _window_distances(window: tuple[int, int, int], device) -> torch.Tensor:
     return (position[:, None] - position[None, :]).square().sum(-1)
 
 
-def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int,
+                     in_tile_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kept window positions [B, H, n, k] in slot order, and the unit queries they were scored on.
 
     With k equal to the window size (keep ratio 1.0) every position is kept and nothing is
@@ -192,7 +200,7 @@ def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int) -> tuple[torch
     n, w = layout.num_windows, layout.window_tokens
     if k == w:
         return torch.arange(w, device=q.device).expand(B, H, n, w), None
-    unit_q = _unit_queries_by_window(q, layout)
+    unit_q = _unit_queries_by_window(q, layout, in_tile_order)
     return _kept_positions(stable_ranks(_keep_order_score(unit_q, layout)) < k, k), unit_q
 
 
@@ -213,10 +221,12 @@ def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
     return -(-layout.num_windows * keep_per_window // layout.block_size) * layout.block_size
 
 
-def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fill: str) -> KeptQueries:
+def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fill: str,
+                   in_tile_order: bool = False) -> KeptQueries:
     """Select the kept queries of every window and the fill source of every token.
 
-    q: [B, H, S, D] in raster order. In each window the centre token is kept, then the
+    q: [B, H, S, D] in sequence (raster) order, or ``in_tile_order`` (``layout.tile_order``); the
+    result indexes sequence tokens either way. In each window the centre token is kept, then the
     ``keep_per_window - 1`` real tokens least similar (cosine) to it; a stable sort makes ties
     resolve by position, so the choice is the same on every run. Kept queries are listed per
     window in slot order; the compact length is padded to a multiple of ``layout.block_size``.
@@ -225,7 +235,7 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    kept_local, unit_q = _kept_in_windows(q, layout, k)
+    kept_local, unit_q = _kept_in_windows(q, layout, k, in_tile_order)
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
