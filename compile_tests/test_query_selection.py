@@ -210,7 +210,7 @@ def test_kept_queries_are_the_first_of_a_stable_sort_of_the_keep_order(inputs, c
     k, w, n = config.keep_per_window, layout.window_tokens, layout.num_windows
     kept = select_queries(q, layout, k, config.fill)
     if k < w:
-        score = _keep_order_score(_unit_queries_by_window(q, layout), layout)
+        score = _keep_order_score(_unit_queries_by_window(q, layout, in_tile_order=False), layout)
         first_k = torch.argsort(score, dim=-1, stable=True)[..., :k]
         local = first_k.sort(-1).values
     else:
