@@ -169,26 +169,34 @@ class _TwoLayers(torch.nn.Module):
         return x
 
 
-def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure_changes():
-    """Inference on CPU (the compiled Flex path); the GPU suite checks the same with gradients.
-
-    The structure is the dense flag and the kept queries per window; the threshold moves every step.
-    """
+def _graphs_per_step(schedule: SparsitySchedule, steps: int) -> tuple[list[int], list]:
+    """Run a compiled two-layer model through ``steps`` schedule steps (no grad), each checked against
+    eager: the graphs compiled at each step, and the first layer's config at each step."""
     model = _TwoLayers()
     compiled = torch.compile(model, dynamic=False)
-    schedule = SparsitySchedule(final_keep_ratio=0.75, final_kv_threshold=0.6, start_kv_threshold=0.95,
-                                dense_steps=1, ramp_steps=8, every=1)
-    structure = [(schedule.at(step, 0).dense, keep_count(schedule.at(step, 0).keep_ratio, 8)) for step in range(12)]
-    new_graphs = []
+    new_graphs, configs = [], []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", bsa_flex.BSARecompileWarning)
-        for step in range(12):
+        for step in range(steps):
             schedule.apply(model.attn, step)
             x = _tokens(seed=step, batch=1)
             before = counters["stats"]["unique_graphs"]
             got = compiled(x)
             new_graphs.append(counters["stats"]["unique_graphs"] - before)
+            configs.append(model.attn[0].config)
             torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    return new_graphs, configs
+
+
+def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure_changes():
+    """Inference on CPU (the compiled Flex path); the GPU suite checks the same with gradients.
+
+    The structure is the dense flag and the kept queries per window; the threshold moves every step.
+    """
+    schedule = SparsitySchedule(final_keep_ratio=0.75, final_kv_threshold=0.6, start_kv_threshold=0.95,
+                                dense_steps=1, ramp_steps=8, every=1)
+    structure = [(schedule.at(step, 0).dense, keep_count(schedule.at(step, 0).keep_ratio, 8)) for step in range(12)]
+    new_graphs, _ = _graphs_per_step(schedule, 12)
     assert len({schedule.at(step, 0).kv_threshold for step in range(1, 12)}) >= 8
     for step in range(1, 12):
         if structure[step] == structure[step - 1]:
@@ -198,20 +206,9 @@ def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure
 
 def test_alternating_windows_under_a_compiled_model_compile_once_each_and_are_reused():
     """Spatial-only and full windows in turn, stair by stair, the threshold moving at every step."""
-    model = _TwoLayers()
-    compiled = torch.compile(model, dynamic=False)
     schedule = SparsitySchedule(final_keep_ratio=0.5, start_keep_ratio=0.5, final_kv_threshold=0.6,
                                 start_kv_threshold=0.95, ramp_steps=5, every=1, windows=((1, 2, 2), (2, 2, 2)),
                                 alternate="step")
-    new_graphs = []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", bsa_flex.BSARecompileWarning)
-        for step in range(6):
-            schedule.apply(model.attn, step)
-            x = _tokens(seed=step, batch=1)
-            before = counters["stats"]["unique_graphs"]
-            got = compiled(x)
-            new_graphs.append(counters["stats"]["unique_graphs"] - before)
-            torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
-            assert model.attn[0].config.window == ((1, 2, 2), (2, 2, 2))[step % 2]
+    new_graphs, configs = _graphs_per_step(schedule, 6)
+    assert [config.window for config in configs] == [(1, 2, 2), (2, 2, 2)] * 3
     assert new_graphs[2:] == [0, 0, 0, 0]  # both windows revisited with new thresholds: nothing compiles
