@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .attention import TOKEN_ORDERS, attention
 from .config import BSAConfig, keep_count
+from .order import tile_positions
 from .schedule import LayerSparsity
-from .validation import check_triple, is_integer
+from .validation import check_choice, check_triple, is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -31,11 +32,14 @@ def _rope_angles(n: int, dims: int, base: float, device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
 
 
-def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0):
+def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0, *,
+            positions: torch.Tensor | None = None):
     """3D rotary embedding of q and k [B, H, S, D] over raster (t, h, w) positions.
 
     The head dim is split as in Wan2.1: D - 4*(D//6) channels rotate with t, 2*(D//6) with h
     and 2*(D//6) with w (interleaved pairs). A ready-made ``rope`` hook for :class:`BSAttention`.
+    ``positions`` [S] int64: the raster index of the token at each of the S places (tokens kept
+    in another order, e.g. ``tile_order(...).to_tile``); None: raster order.
     """
     D = q.shape[-1]
     if D % 2 or D < 6:
@@ -46,6 +50,8 @@ def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0
     angles_h = _rope_angles(Hh, spatial, base, q.device)[None, :, None, :].expand(T, Hh, W, -1)
     angles_w = _rope_angles(W, spatial, base, q.device)[None, None, :, :].expand(T, Hh, W, -1)
     angles = torch.cat([angles_t, angles_h, angles_w], -1).reshape(T * Hh * W, D // 2)
+    if positions is not None:
+        angles = angles[positions]
     cos, sin = angles.cos(), angles.sin()
 
     def rotate(x):
@@ -116,13 +122,15 @@ class SparsityControl:
         self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)))
         self.threshold.fill_(setting.kv_threshold)
 
-    def attention(self, q, k, v, video_shape) -> torch.Tensor:
-        """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``."""
+    def attention(self, q, k, v, video_shape, token_order: str = "raster") -> torch.Tensor:
+        """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``.
+        Dense attention is the same in any token order; BSA is told which order q, k, v are in."""
         gqa = q.shape[1] != k.shape[1]
         if self.dense:
             self.last_stats = None
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, return_stats=True)
+        out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, token_order=token_order,
+                               return_stats=True)
         self.last_stats = LayerStats(stats.sparsity.detach(), stats.kept_query_fraction.detach())
         return out
 
@@ -131,7 +139,10 @@ class BSAttention(nn.Module):
     """Self-attention over a video's tokens: qkv projection, optional q/k RMSNorm, rope, BSA or dense.
 
     x: [B, S, dim] with S = T*H*W tokens in raster order; ``forward(x, video_shape)`` returns
-    [B, S, dim]. ``bsa`` is the layer's BSA configuration (``None``: always dense, through
+    [B, S, dim]. ``token_order="tile"``: x comes and returns in the tile order of
+    ``bsa_flex.tile_order(video_shape, bsa)`` (permute once after patchify, back once before
+    unpatchify); the rope hook is then called with ``positions=`` the raster index of each token
+    (as :func:`rope_3d` takes it), and the layer's window is fixed (the order depends on it). ``bsa`` is the layer's BSA configuration (``None``: always dense, through
     ``F.scaled_dot_product_attention``). ``kv_heads`` < ``heads`` is grouped-query attention.
     ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
 
@@ -143,7 +154,7 @@ class BSAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, head_dim: int | None = None,
                  qk_norm: bool = True, bsa: BSAConfig | None = None, rope: Callable | None = None,
-                 bias: bool = True):
+                 bias: bool = True, token_order: str = "raster"):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads)):
             if not is_integer(value) or value < 1:
@@ -157,6 +168,10 @@ class BSAttention(nn.Module):
             head_dim = dim // heads
         if rope is not None and not callable(rope):
             raise TypeError("BSAttention rope must be None or a callable (q, k, video_shape) -> (q, k)")
+        check_choice("token_order", token_order, TOKEN_ORDERS)
+        if token_order == "tile" and bsa is None:
+            raise ValueError("BSAttention token_order='tile' needs bsa (a BSAConfig): its tile and window define the order")
+        self.token_order = token_order
         self.sparsity = SparsityControl(bsa)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
@@ -181,7 +196,10 @@ class BSAttention(nn.Module):
         return self.sparsity.last_stats
 
     def set_sparsity(self, setting: LayerSparsity) -> None:
-        """See :meth:`SparsityControl.set_sparsity`."""
+        """See :meth:`SparsityControl.set_sparsity`; in the tile order the window cannot change."""
+        if self.token_order == "tile" and setting.window is not None and tuple(setting.window) != self.sparsity.bsa.window:
+            raise ValueError(f"window {tuple(setting.window)}: this layer keeps its tokens in the tile order of window "
+                             f"{self.sparsity.bsa.window}, which another window would misread; use token_order='raster'")
         self.sparsity.set_sparsity(setting)
 
     def project(self, x: torch.Tensor, video_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,12 +209,17 @@ class BSAttention(nn.Module):
         q = self.q_norm(rearrange(q, "b s (h d) -> b h s d", d=self.head_dim))
         k = self.k_norm(rearrange(k, "b s (h d) -> b h s d", d=self.head_dim))
         v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
-        if self.rope is not None:
+        if self.rope is not None and self.token_order == "tile":
+            bsa = self.sparsity.bsa
+            positions = tile_positions(check_triple("video_shape", video_shape), bsa.tile, bsa.window, bsa.block_size,
+                                       x.device)
+            q, k = self.rope(q, k, video_shape, positions=positions)
+        elif self.rope is not None:
             q, k = self.rope(q, k, video_shape)
         return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast may run the norms in float32
 
     def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
-        out = self.sparsity.attention(*self.project(x, video_shape), video_shape)
+        out = self.sparsity.attention(*self.project(x, video_shape), video_shape, self.token_order)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))
 
 

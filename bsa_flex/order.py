@@ -38,3 +38,11 @@ def tile_order(video_shape, config: BSAConfig | None = None, *, prefix_tokens: i
     layout = tile_layout(check_triple("video_shape", video_shape), config.tile, config.window, config.block_size,
                          torch.device(device), text)
     return TokenOrder(layout.tile_order, layout.tile_position)
+
+
+@torch.compiler.assume_constant_result
+def tile_positions(video_shape: tuple[int, int, int], tile: tuple[int, int, int], window: tuple[int, int, int],
+                   block_size: int, device: torch.device) -> torch.Tensor:
+    """[S] int64: the sequence index of the token at each tile-order place of a video without text
+    (``tile_order(...).to_tile``); a constant to torch.compile, whose constant functions take plain values."""
+    return tile_layout(video_shape, tile, window, block_size, device).tile_order

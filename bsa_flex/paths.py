@@ -63,6 +63,10 @@ def attend_flex(q_kept, k_slots, v_slots, kv_blocks, kept_token, plan: BSAPlan):
                       "it computes the same function through the mask_mod, but at dense cost, "
                       "materialising S x S scores.", BSAEagerWarning, stacklevel=2)
     mod = None if score_mod is None else raster_score_mod(score_mod, kept_token, layout.slot_token)
+    if plan.kernel == "flex_cpu" and k_slots.stride() != v_slots.stride():
+        # torch 2.13's C++ template, inlined into a caller's graph with fewer queries than keys,
+        # reads k and v of different strides wrongly (NOTES.md, 2026-12-02); the tile order passes them as they come
+        k_slots, v_slots = k_slots.contiguous(), v_slots.contiguous()
     with_lse = q_kept.device.type == "cuda"  # FlexAttention on CPU has no LSE under compile
     result = flex_attention(
         q_kept, k_slots, v_slots, score_mod=mod, block_mask=build_block_mask(kv_blocks, layout),

@@ -79,3 +79,60 @@ def test_an_unknown_token_order_is_refused_naming_it():
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(ValueError, match="token_order"):
         bsa_flex.attention(q, q, q, (4, 4, 4), dataclasses.replace(BSAConfig(), block_size=16), token_order="tiles")
+
+
+def _module_pair(video_shape, config, seed=0):
+    """A raster and a tile-order BSAttention with the same weights (GQA, q/k norm, rope_3d)."""
+    layers = []
+    for token_order in ("raster", "tile"):
+        torch.manual_seed(seed)
+        layers.append(bsa_flex.BSAttention(64, 4, kv_heads=2, bsa=config, rope=bsa_flex.rope_3d,
+                                           token_order=token_order))
+    return layers
+
+
+def test_rope_3d_at_tile_positions_is_the_raster_rope_permuted():
+    video_shape = (3, 6, 10)
+    to_tile, _ = bsa_flex.tile_order(video_shape, BSAConfig(block_size=16))
+    q, k = torch.randn(2, 1, 2, 180, 12).unbind(0)
+    raster = bsa_flex.rope_3d(q, k, video_shape)
+    tile = bsa_flex.rope_3d(q[:, :, to_tile], k[:, :, to_tile], video_shape, positions=to_tile)
+    assert all(torch.equal(a[:, :, to_tile], b) for a, b in zip(raster, tile))
+
+
+@pytest.mark.parametrize("video_shape", [(5, 7, 9), (4, 8, 8)])
+def test_bsattention_in_tile_order_gives_the_raster_layer_results_and_gradients(video_shape):
+    """Padding (5, 7, 9) and none (4, 8, 8), keep 0.5 with fills, on the CPU training path: output
+    equal to the raster layer's permuted output, parameter gradients to float32 rounding."""
+    config = BSAConfig(block_size=16, kv_threshold=0.8, query_keep_ratio=0.5)
+    raster, tile = _module_pair(video_shape, config)
+    to_tile, to_raster = bsa_flex.tile_order(video_shape, config)
+    x = torch.randn(2, to_tile.numel(), 64, generator=torch.Generator().manual_seed(1))
+    out_raster, out_tile = raster(x, video_shape), tile(x[:, to_tile], video_shape)[:, to_raster]
+    torch.testing.assert_close(out_tile, out_raster, rtol=1e-5, atol=1e-6)
+    g = torch.randn(out_raster.shape, generator=torch.Generator().manual_seed(2))
+    (out_raster * g).sum().backward()
+    (out_tile * g).sum().backward()
+    for a, b in zip(raster.parameters(), tile.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bsattention_in_tile_order_needs_a_config_and_keeps_its_window():
+    with pytest.raises(ValueError, match="token_order='tile' needs bsa"):
+        bsa_flex.BSAttention(64, 4, token_order="tile")
+    with pytest.raises(ValueError, match="token_order"):
+        bsa_flex.BSAttention(64, 4, bsa=BSAConfig(), token_order="sequence")
+    layer = bsa_flex.BSAttention(64, 4, bsa=BSAConfig(block_size=16), token_order="tile")
+    layer.set_sparsity(bsa_flex.LayerSparsity(False, 0.5, 0.9, (2, 2, 2)))  # its own window: allowed
+    with pytest.raises(ValueError, match="tile order of window"):
+        layer.set_sparsity(bsa_flex.LayerSparsity(False, 0.5, 0.9, (1, 2, 2)))
+
+
+def test_a_compiled_bsattention_in_tile_order_gives_its_eager_output():
+    """The rope's tile positions are a constant to torch.compile (the layout is not traced)."""
+    video_shape, config = (4, 8, 8), BSAConfig(block_size=16, kv_threshold=0.8, query_keep_ratio=0.5)
+    _, layer = _module_pair(video_shape, config)
+    x = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x, video_shape), layer(x, video_shape),
+                                   rtol=1e-5, atol=1e-5)
