@@ -33,6 +33,7 @@ from .attention import attention, select_sparse
 from .config import BSAConfig
 from .extras import environment, progress, pyplot_or_none
 from .kernels import KERNELS
+from .order import tile_order
 from .paths import flex_kernel_options
 from .plan import BSAPlan
 from .runtime import compile_static, make_plan, threshold_tensor
@@ -312,7 +313,25 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
         dense = baselines.get("flash_dense" if ran == "flash" else "flex_dense", {})
         row["stages"] = _stages(q, k, v, video_shape, config, grad_out=grad_out, bsa=bsa, dense=dense,
                                 sparsity=achieved)
+        row["tile_order"] = tile_order_record(setup, video_shape, config, row)
     return row, baselines
+
+
+def tile_order_record(setup: Setup, video_shape, config: BSAConfig, row: dict) -> dict:
+    """The same call with q, k, v (and out) kept in the tile order: times, speed-up, outside-kernel
+    share against the row's kernel alone, and peak memory (leaves and inside a layer)."""
+    q, k, v, grad_out = _inputs(video_shape, setup)
+    to_tile = tile_order(video_shape, config, device=q.device).to_tile
+    q, k, v, grad_out = (t.detach()[:, :, to_tile].requires_grad_(t.requires_grad) for t in (q, k, v, grad_out))
+    tiled = functools.partial(attention, video_shape=video_shape, config=config, token_order="tile")
+    record = {"bsa": fwd_and_fwd_bwd(lambda: tiled(q, k, v), grad_out, q.device, host=True),
+              "layer_peak_gib": layer_peak_gib(tiled, setup.heads, setup.head_dim, video_shape, setup.dtype,
+                                               setup.device)}
+    record.update(_speedups(record["bsa"], {"sdpa": row["sdpa"]}))
+    kernel_fwd_bwd = row["stages"].get("kernel_fwd_bwd")
+    if kernel_fwd_bwd is not None and record["bsa"]["fwd_bwd"] is not None:
+        record["outside_kernel_fwd_bwd"] = 1.0 - kernel_fwd_bwd / record["bsa"]["fwd_bwd"]
+    return record
 
 
 def markdown(result: dict) -> str:
@@ -351,8 +370,24 @@ def markdown(result: dict) -> str:
             f"{share(stages.get('outside_kernel_fwd'))} / {share(stages.get('outside_kernel_fwd_bwd'))} | "
             f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} | "
             f"{ms(layer.get('sdpa'))} / {ms(layer.get('bsa'))} |")
-    lines += ["", *crossover_lines(result["rows"])]
+    lines += ["", *tile_order_lines(result["rows"]), *crossover_lines(result["rows"])]
     return "\n".join(lines) + "\n"
+
+
+def tile_order_lines(rows: list[dict]) -> list[str]:
+    """One line per row timed in the tile order as well: its fwd+bwd, speed-up, outside share, peaks."""
+    lines = []
+    for r in rows:
+        t = r.get("tile_order")
+        if t is None:
+            continue
+        b, outside = t["bsa"], t.get("outside_kernel_fwd_bwd")
+        lines.append(f"- tile order, {r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}: fwd "
+                     f"{b['fwd']:.2f} ms, fwd+bwd {b['fwd_bwd'] or float('nan'):.2f} ms "
+                     f"({t.get('speedup_vs_sdpa_fwd_bwd', float('nan')):.2f}x vs SDPA), outside kernel "
+                     f"{'-' if outside is None else f'{outside:.0%}'}, peak GiB {b['peak_gib'] or float('nan'):.2f}"
+                     f" (in a layer {t['layer_peak_gib'] or float('nan'):.2f})")
+    return lines + [""] if lines else []
 
 
 def _sweep_rows(rows: list[dict], target: float, kernel: str) -> list[dict]:

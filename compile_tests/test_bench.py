@@ -16,6 +16,8 @@ def test_quick_benchmark_runs_on_cpu_and_writes_reports(tmp_path):
     assert set(row["stages"]) >= {"select_ms", "block_mask_ms", "kernel_fwd", "rest_fwd_ms", "kernel"}
     assert row["kernel"] == row["stages"]["kernel"] == "flex_cpu"  # the kernel that ran, named in the row
     assert "| 256 | keep 0.5 | flex_cpu |" in (tmp_path / "bench.md").read_text()
+    assert row["tile_order"]["bsa"]["fwd"] > 0  # the same call in the tile order, its own record
+    assert "- tile order, 256 tokens, keep 0.5, flex_cpu: fwd" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("argv", [["--sparsities", "x"], ["--sparsities", "1.5"], ["--device", "tpu"],
