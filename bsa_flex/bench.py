@@ -452,7 +452,8 @@ def plot(result: dict, path: str) -> str | None:
     return None
 
 
-PARTS = ("all", "wan", "sweep")
+PARTS = ("all", "wan", "sweep", "frontier")
+FRONTIER_SPARSITIES = (0.90, 0.93, 0.95)  # the quality-speed frontier's total sparsities (issue 15)
 
 
 def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple(GEOMETRIES),
@@ -461,7 +462,9 @@ def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple
 
     "wan": the two Wan2.1 cases in every geometry, the default one with the stage breakdown;
     "sweep": sequence lengths x sparsities in the default geometry (the Wan cases' default row
-    counts for both). Every case runs on every kernel; ``shapes`` keeps only those video shapes.
+    counts for both); "frontier": the Wan video shapes at the frontier's sparsities in every
+    geometry, without breakdown (not part of "all"). Every case runs on every kernel; ``shapes``
+    keeps only those video shapes.
     """
     default = next(iter(GEOMETRIES))
     if quick:
@@ -473,6 +476,9 @@ def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple
     if part in ("all", "sweep"):
         cases += [(shape, s, default, False) for shape in SWEEP_SHAPES for s in sparsities
                   if part == "sweep" or (shape, s) not in WAN_CASES]
+    if part == "frontier":
+        cases += [(shape, s, geometry, False) for shape, _ in WAN_CASES for s in FRONTIER_SPARSITIES
+                  for geometry in geometries]
     return [(shape, target, geometry, kernel, breakdown) for shape, target, geometry, breakdown in cases
             for kernel in kernels if shapes is None or shape in shapes]
 
@@ -529,7 +535,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="benchmarks/results", help="folder for bench.json/.md/.png")
     parser.add_argument("--part", choices=PARTS, default="all",
                         help="wan: the two Wan2.1 cases in every geometry with a stage breakdown; sweep: "
-                             "sequence lengths x sparsities; all: both (default)")
+                             "sequence lengths x sparsities; all: both (default); frontier: the Wan shapes at "
+                             "sparsities 0.90, 0.93, 0.95 in every geometry (the quality-speed frontier's speed-ups)")
     parser.add_argument("--sparsities", default=",".join(map(str, SWEEP_SPARSITIES)),
                         help="target sparsities of the sequence-length sweep, comma-separated")
     parser.add_argument("--kernel", default="auto",

@@ -49,3 +49,11 @@ def test_all_parts_together_measure_each_case_once():
     assert len(every) == len(set(every))
     sweep = {(shape, target) for shape, target, *_ in bench.plan(False, "sweep", bench.SWEEP_SPARSITIES)}
     assert sweep == {(shape, s) for shape in bench.SWEEP_SHAPES for s in bench.SWEEP_SPARSITIES}
+
+
+def test_frontier_part_runs_the_wan_shapes_at_every_frontier_sparsity_and_geometry_without_breakdown():
+    cases = bench.plan(False, "frontier", bench.SWEEP_SPARSITIES, geometries=("keep 1.0", "keep 0.5"))
+    assert {(shape, target, geometry) for shape, target, geometry, _, _ in cases} == {
+        (shape, target, geometry) for shape, _ in bench.WAN_CASES for target in bench.FRONTIER_SPARSITIES
+        for geometry in ("keep 1.0", "keep 0.5")}
+    assert len(cases) == 12 and not any(breakdown for *_, breakdown in cases)

@@ -1,6 +1,7 @@
 """The runnable examples: the DiT training script's CPU smoke run and its measurement helpers,
 and the Ulysses example on two CPU processes."""
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -167,3 +168,22 @@ def test_the_testing_modules_example_passes_as_a_test_file_of_a_fresh_project(tm
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "1 passed" in run.stdout
+
+
+def test_the_fine_tune_frontier_runs_end_to_end_on_cpu_and_writes_its_rows(tmp_path):
+    """pretrain -> finetune (a dense and a bidirectional arm, two seeds) -> summarize: one fine-tune row
+    with the issue's fields, its seeds, a gap measured against the dense arm, and the scratch rows."""
+    frontier = _load("finetune_frontier")
+    out, results = tmp_path / "run", tmp_path / "results"
+    frontier.main(["pretrain", "--tiny", "--out", str(out)])
+    for seed in ("0", "1"):
+        frontier.main(["finetune", "--tiny", "--out", str(out), "--seed", seed, "--arms", "dense,bsa_0.93"])
+    frontier.main(["summarize", "--out", str(out), "--results", str(results),
+                   "--scratch", str(ROOT / "benchmarks" / "results" / "train_video_dit_h200")])
+    rows = json.loads((results / "quality_frontier.json").read_text())["rows"]
+    fine = [r for r in rows if r["regime"] == "fine-tune"]
+    assert [r["arm"] for r in fine] == ["bsa_0.93"] and fine[0]["seeds"] == [0, 1]
+    assert set(fine[0]) >= {"query_keep_ratio", "fill", "windows", "total_sparsity", "val_loss_mean", "val_loss_std",
+                            "dense_val_loss_mean", "dense_val_loss_std", "gap", "speedup_23296", "speedup_153600"}
+    assert fine[0]["gap"] == pytest.approx(fine[0]["val_loss_mean"] / fine[0]["dense_val_loss_mean"] - 1)
+    assert {r["regime"] for r in rows} == {"fine-tune", "scratch"}

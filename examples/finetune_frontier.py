@@ -1,0 +1,397 @@
+"""Fine-tune a trained dense video DiT with BSA: KV-only and bidirectional arms, fill rules,
+space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
+
+    python examples/finetune_frontier.py pretrain --out OUT            # dense from scratch, checkpoint
+    python examples/finetune_frontier.py finetune --out OUT --seed 0   # every arm from the checkpoint
+    python examples/finetune_frontier.py finetune --out OUT --seed 1 & ... # seeds in parallel (one GPU is enough)
+    python examples/finetune_frontier.py summarize --out OUT [--bench benchmarks/results/bench-frontier.json]
+    python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
+
+The regime of the paper (secondary sources): a dense model trained first, then every arm continues
+from that checkpoint for the same steps with the same data and noise per seed, sparsity raised in
+stairs every 30 steps (the KV threshold 1.0 -> p, a tensor; the keep ratio 0.75 -> its final value).
+Each arm's final p is chosen on the checkpoint so that its total sparsity (query and KV sides
+together) meets the arm's target. ``summarize`` writes quality_frontier.json (one row per arm, the
+validation-loss gap to the dense arm over seeds, and the fwd+bwd speed-up the same split reaches
+at the Wan shapes in ``python -m bsa_flex.bench --part frontier``), frontier.png and samples.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from bsa_flex import BSAConfig, LayerSparsity, SparsitySchedule, layer_stats
+from bsa_flex.extras import environment, pyplot_or_none
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
+from video_dit import VideoDiT, flow_loss, make_clips, plot_samples, sample, step_noise, validation_loss  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The model, data and step counts every arm shares."""
+
+    latent: tuple[int, int, int]
+    patch: tuple[int, int, int] = (1, 2, 2)
+    channels: int = 4
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    batch: int = 4
+    block_size: int = 128
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 300
+    finetune_lr: float = 2e-4
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(n // p for n, p in zip(self.latent, self.patch))
+
+
+SETTINGS = {
+    # 16 x 32 x 64 latents -> 16 x 16 x 32 = 8,192 tokens, 64 KV blocks of 128 per query block
+    "gpu": Setting(latent=(16, 32, 64)),
+    "tiny": Setting(latent=(4, 16, 16), width=64, layers=2, heads=2, batch=2, block_size=16, pretrain_steps=6,
+                    finetune_steps=4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One fine-tune arm: dense (keep None), or BSA at a final keep ratio, fill, windows and total sparsity."""
+
+    name: str
+    keep: float | None = None
+    target: float | None = None
+    fill: str = "most_similar"
+    windows: tuple[tuple[int, int, int], ...] = ()
+
+
+ARMS = [Arm("dense")]
+ARMS += [Arm(f"kv_{s:.2f}", 1.0, s) for s in (0.90, 0.93, 0.95)]
+ARMS += [Arm(f"bsa_{s:.2f}", 0.5, s) for s in (0.90, 0.93, 0.95)]
+ARMS += [Arm(f"bsa_0.93_{fill}", 0.5, 0.93, fill) for fill in ("anchor", "nearest", "none")]
+ARMS += [Arm("bsa_0.93_space_time", 0.5, 0.93, windows=((1, 2, 2), (2, 1, 1)))]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def build_model(setting: Setting, device) -> VideoDiT:
+    """The DiT with BSA-capable attention layers (dense until a schedule says otherwise)."""
+    model = VideoDiT(setting.channels, setting.patch, setting.width, setting.layers, setting.heads,
+                     BSAConfig(block_size=setting.block_size)).to(device)
+    for layer in model.attention_layers:
+        layer.set_sparsity(LayerSparsity(True, 1.0, 1.0))
+    return model
+
+
+def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, schedule=None) -> list[float]:
+    """``steps`` AdamW steps of flow matching on the seed's data stream and noise; the training losses."""
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        if schedule is not None:
+            schedule.apply(model.attention_layers, step)
+        clean = make_clips([seed * 1_000_000 + step * setting.batch + i for i in range(setting.batch)],
+                           *setting.latent, setting.channels, device)
+        noise, t = step_noise(step, clean.shape, device, salt=seed)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = flow_loss(model, clean, noise, t)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def validation_clips(setting: Setting, device) -> torch.Tensor:
+    return make_clips([900_000 + i for i in range(4)], *setting.latent, setting.channels, device)
+
+
+def sparsity_of(model, clips, dtype) -> float:
+    """Mean total sparsity over the layers of one no-grad forward on ``clips`` at flow time 0.5."""
+    t = torch.full((clips.shape[0],), 0.5, device=clips.device)
+    noise, _ = step_noise(40_000_000, clips.shape, clips.device, salt=11)
+    with torch.no_grad(), torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        model(0.5 * clips + 0.5 * noise, t)
+    return statistics.fmean(row["sparsity"] for row in layer_stats(model.attention_layers))
+
+
+def schedule_for(arm: Arm, threshold: float, steps: int) -> SparsitySchedule:
+    """The arm's ramp: stairs every 30 steps (or steps/10) over the first 60% of the steps."""
+    ramp = int(0.6 * steps)
+    return SparsitySchedule(final_keep_ratio=arm.keep, final_kv_threshold=threshold, ramp_steps=ramp,
+                            every=max(1, min(30, ramp // 10)), start_keep_ratio=max(arm.keep, 0.75),
+                            windows=arm.windows)
+
+
+def calibrate(model, arm: Arm, clips, dtype, steps: int = 12) -> tuple[float, float]:
+    """The final KV threshold p whose total sparsity on the checkpoint is closest to the arm's target:
+    (p, that sparsity). Bisection over p (a tensor: no recompiles)."""
+    final = schedule_for(arm, 1.0, 10)
+    lo, hi, best = 1e-4, 1.0, None
+    for _ in range(steps):
+        p = 0.5 * (lo + hi)
+        schedule = dataclasses.replace(final, final_kv_threshold=p)
+        schedule.apply(model.attention_layers, 10**6)  # the end of the ramp
+        achieved = sparsity_of(model, clips, dtype)
+        if best is None or abs(achieved - arm.target) < abs(best[1] - arm.target):
+            best = (p, achieved)
+        lo, hi = (p, hi) if achieved > arm.target else (lo, p)
+    return best
+
+
+# ----------------------------------------------------------------------------- commands
+
+def pretrain(setting: Setting, out: str, device) -> dict:
+    """Dense training from scratch; writes dense.pt, pretrain.json and the checkpoint's samples."""
+    torch.manual_seed(0)
+    model = build_model(setting, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = time.perf_counter()
+    losses = train_steps(model, setting, setting.pretrain_steps, setting.pretrain_lr, seed=0)
+    clips = validation_clips(setting, device)
+    record = {"setting": dataclasses.asdict(setting), "environment": environment(device),
+              "wall_s": time.perf_counter() - start, "train_loss": losses[::10],
+              "val_loss": validation_loss(model, clips, dtype)}
+    torch.save(model.state_dict(), os.path.join(out, "dense.pt"))
+    save_samples(model, clips, dtype, os.path.join(out, "samples_pretrained.pt"), "pretrained")
+    with open(os.path.join(out, "pretrain.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def save_samples(model, clips, dtype, path: str, name: str) -> None:
+    """20 Euler steps from fixed noise for the validation batch (its shape: no new graph); the first clip."""
+    noise, _ = step_noise(30_000_000, clips.shape, clips.device, salt=5)
+    torch.save({"data": clips[:1].cpu(), name: sample(model, noise, 20, dtype)[:1].cpu()}, path)
+
+
+def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device) -> dict:
+    """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(setting, device)
+    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
+    clips = validation_clips(setting, device)
+    record = {"arm": dataclasses.asdict(arm), "seed": seed}
+    schedule = None
+    if arm.keep is not None:
+        threshold, record["sparsity_at_start"] = calibrate(model, arm, clips, dtype)
+        record["kv_threshold"] = threshold
+        schedule = schedule_for(arm, threshold, setting.finetune_steps)
+    start = time.perf_counter()
+    losses = train_steps(model, setting, setting.finetune_steps, setting.finetune_lr, seed, schedule)
+    record.update(wall_s=time.perf_counter() - start, train_loss=losses[::5],
+                  val_loss=validation_loss(model, clips, dtype))
+    record["sparsity_at_end"] = 0.0 if schedule is None else sparsity_of(model, clips, dtype)
+    if seed == 0:
+        save_samples(model, clips, dtype, os.path.join(out, f"samples_{arm.name}.pt"), arm.name)
+    return record
+
+
+def finetune(setting: Setting, out: str, seed: int, device, arms) -> list[dict]:
+    """Every arm for one seed; arms_seed<seed>.json rewritten after each (a cut run keeps what it did)."""
+    records = []
+    for arm in arms:
+        records.append(finetune_arm(arm, setting, out, seed, device))
+        with open(os.path.join(out, f"arms_seed{seed}.json"), "w") as f:
+            json.dump({"setting": dataclasses.asdict(setting), "environment": environment(device),
+                       "records": records}, f, indent=1)
+        r = records[-1]
+        print(f"seed {seed} {arm.name:>22}: val {r['val_loss']:.4f}, sparsity {r['sparsity_at_end']:.3f}, "
+              f"{r['wall_s']:.0f} s", flush=True)
+    return records
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def bench_speedups(path: str | None) -> dict:
+    """(tokens, keep ratio, target sparsity) -> fwd+bwd speed-up over the best SDPA, from a bench JSON
+    (the FLASH rows where there are any); {} without one."""
+    if path is None or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    found = {}
+    for r in sorted(rows, key=lambda r: r["kernel"] == "flash"):  # FLASH rows written last win
+        if "speedup_vs_sdpa_fwd_bwd" in r:
+            found[r["tokens"], r["query_keep_ratio"], round(r["target_sparsity"], 2)] = r["speedup_vs_sdpa_fwd_bwd"]
+    return found
+
+
+def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
+    """One fine-tune row per BSA arm: loss mean and spread over seeds, gap to dense, speed-ups of its split."""
+    by_arm = {}
+    for r in records:
+        by_arm.setdefault(r["arm"]["name"], []).append(r)
+    dense = mean_std([r["val_loss"] for r in by_arm.pop("dense", [])] or [float("nan")])
+    rows = []
+    for name, runs in by_arm.items():
+        arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
+        rows.append({"regime": "fine-tune", "arm": name, "query_keep_ratio": arm["keep"], "fill": arm["fill"],
+                     "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
+                     "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
+                     "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
+                     "dense_val_loss_mean": dense[0], "dense_val_loss_std": dense[1], "gap": loss[0] / dense[0] - 1,
+                     "speedup_23296": speedups.get((23296, arm["keep"], arm["target"])),
+                     "speedup_153600": speedups.get((153600, arm["keep"], arm["target"])),
+                     "speedup_of": "the bench's split at this keep ratio and sparsity (2x2x2 windows, most_similar "
+                                   "fill, FLASH kernel)"})
+    return rows
+
+
+def config_fields(text: str) -> dict:
+    """query_keep_ratio, fill and window read back from a record's ``repr(BSAConfig(...))``."""
+    keep = re.search(r"query_keep_ratio=([0-9.]+)", text)
+    fill = re.search(r"fill='(\w+)'", text)
+    window = re.search(r"window=\((\d+), (\d+), (\d+)\)", text)
+    if not (keep and fill and window):
+        raise ValueError(f"not a BSAConfig repr with query_keep_ratio, fill and window: {text[:120]!r}")
+    return {"query_keep_ratio": float(keep[1]), "fill": fill[1], "window": tuple(int(n) for n in window.groups())}
+
+
+def scratch_rows(folder: str) -> list[dict]:
+    """The from-scratch runs of examples/train_video_dit.py (one seed each) that have a full arm of the same run."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "*", "arm_bsa.json"))):
+        here = os.path.dirname(path)
+        with open(path) as f:
+            bsa = json.load(f)
+        if os.path.exists(os.path.join(here, "arm_full.json")):
+            with open(os.path.join(here, "arm_full.json")) as f:
+                full = json.load(f)["val"][-1][1]
+        elif os.path.exists(os.path.join(here, "summary.json")):
+            with open(os.path.join(here, "summary.json")) as f:
+                full = json.load(f)["final_val_loss"]["full"]
+        else:
+            continue
+        sparsity = statistics.fmean(bsa["final_sparsity_per_layer"])
+        config = config_fields(bsa["bsa"])
+        rows.append({"regime": "scratch", "arm": os.path.basename(here), "query_keep_ratio": config["query_keep_ratio"],
+                     "fill": config["fill"], "windows": [list(config["window"])], "total_sparsity": round(sparsity, 3),
+                     "achieved_sparsity_mean": sparsity, "seeds": [bsa["setup"]["seed"]],
+                     "val_loss_mean": bsa["val"][-1][1], "val_loss_std": None, "dense_val_loss_mean": full,
+                     "dense_val_loss_std": None, "gap": bsa["val"][-1][1] / full - 1, "speedup_23296": None,
+                     "speedup_153600": None, "speedup_of": f"not timed (16,384-token runs, {bsa['setup']['steps']} "
+                                                           f"steps from scratch)"})
+    return rows
+
+
+def plot_frontier(rows: list[dict], path: str) -> str | None:
+    """Validation-loss gap against the 153,600-token speed-up (23,296 where that is missing), one point per arm."""
+    plt = pyplot_or_none()
+    if plt is None:
+        return "matplotlib is not installed: no frontier plot"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        speedup = r["speedup_153600"] or r["speedup_23296"]
+        if speedup is None:
+            continue
+        marker = "o" if r["query_keep_ratio"] == 1.0 else "s"
+        ax.errorbar(speedup, 100 * r["gap"], yerr=None if r["val_loss_std"] is None else
+                    100 * r["val_loss_std"] / r["dense_val_loss_mean"], marker=marker, capsize=3)
+        ax.annotate(r["arm"], (speedup, 100 * r["gap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(2.0, color="red", lw=0.8, ls="--", label="+2% (target)")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set(xlabel="fwd+bwd attention speed-up over SDPA at 153,600 tokens (H200, FLASH)",
+           ylabel="validation loss vs dense (%)", title="BSA fine-tune: quality-speed frontier (mean of seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
+    """quality_frontier.json, frontier.png and samples.png from the seeds' records under ``out``."""
+    records, environments = [], []
+    for path in sorted(glob.glob(os.path.join(out, "arms_seed*.json"))):
+        with open(path) as f:
+            saved = json.load(f)
+        records += saved["records"]
+        environments.append(saved["environment"])
+    if not records:
+        raise SystemExit(f"no arms_seed*.json under {out}: run finetune first")
+    rows = frontier_rows(records, bench_speedups(bench)) + scratch_rows(scratch)
+    with open(os.path.join(out, "pretrain.json")) as f:
+        pretrained = json.load(f)
+    summary = {"rows": rows, "environment": environments[0], "setting": pretrained["setting"],
+               "pretrain_val_loss": pretrained["val_loss"], "bench": bench,
+               "records": [{k: r[k] for k in ("arm", "seed", "val_loss", "sparsity_at_start", "sparsity_at_end",
+                                              "kv_threshold", "wall_s") if k in r} for r in records]}
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "quality_frontier.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    notes = [plot_frontier(rows, os.path.join(results, "frontier.png")), samples_grid(out, rows, results)]
+    print(f"{'regime':>9} {'arm':>24} {'keep':>5} {'sparsity':>8} {'val loss':>16} {'gap':>7} {'x23K':>6} {'x153K':>6}")
+    for r in rows:
+        spread = "" if r["val_loss_std"] is None else f"+-{r['val_loss_std']:.4f}"
+        print(f"{r['regime']:>9} {r['arm']:>24} {r['query_keep_ratio']:5.2f} {r['achieved_sparsity_mean']:8.3f} "
+              f"{r['val_loss_mean']:.4f}{spread:>9} {r['gap']:+7.2%} {r['speedup_23296'] or float('nan'):6.2f} "
+              f"{r['speedup_153600'] or float('nan'):6.2f}")
+    for note in filter(None, notes):
+        print(note)
+    return summary
+
+
+def samples_grid(out: str, rows: list[dict], results: str) -> str | None:
+    """samples.png: data, the pretrained checkpoint, the dense fine-tune and the best bidirectional arm (seed 0)."""
+    best = min((r for r in rows if r["regime"] == "fine-tune" and r["query_keep_ratio"] < 1.0),
+               key=lambda r: r["gap"], default=None)
+    grid = {}
+    for name in ("pretrained", "dense", None if best is None else best["arm"]):
+        path = os.path.join(out, f"samples_{name}.pt")
+        if name is not None and os.path.exists(path):
+            grid.update(torch.load(path))
+    if not grid:
+        return "no samples under --out: no sample grid"
+    return plot_samples(grid, os.path.join(results, "frontier_samples.png"))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["pretrain", "finetune", "summarize"])
+    parser.add_argument("--out", required=True, help="folder of the checkpoint and the arms' records")
+    parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
+    parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
+    parser.add_argument("--bench", default="benchmarks/results/bench-frontier.json",
+                        help="summarize: bench JSON of `python -m bsa_flex.bench --part frontier`")
+    parser.add_argument("--scratch", default="benchmarks/results/train_video_dit_h200",
+                        help="summarize: folder of the from-scratch runs")
+    parser.add_argument("--results", default="benchmarks/results", help="summarize: where the frontier goes")
+    args = parser.parse_args(argv)
+    setting = SETTINGS["tiny" if args.tiny else "gpu"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    arms = ARMS if args.arms is None else [a for a in ARMS if a.name in args.arms.split(",")]
+    if args.arms is not None and len(arms) != len(args.arms.split(",")):
+        parser.error(f"--arms: unknown names in {args.arms!r}; known: {', '.join(a.name for a in ARMS)}")
+    os.makedirs(args.out, exist_ok=True)
+    if args.command == "pretrain":
+        print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
+    elif args.command == "finetune":
+        finetune(setting, args.out, args.seed, device, arms)
+    else:
+        summarize(args.out, args.bench, args.scratch, args.results)
+
+
+if __name__ == "__main__":
+    main()
