@@ -187,3 +187,10 @@ def test_the_fine_tune_frontier_runs_end_to_end_on_cpu_and_writes_its_rows(tmp_p
                             "dense_val_loss_mean", "dense_val_loss_std", "gap", "speedup_23296", "speedup_153600"}
     assert fine[0]["gap"] == pytest.approx(fine[0]["val_loss_mean"] / fine[0]["dense_val_loss_mean"] - 1)
     assert {r["regime"] for r in rows} == {"fine-tune", "scratch"}
+
+
+def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():
+    frontier = _load("finetune_frontier")
+    for arm in frontier.ARMS:
+        model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu", arm.fill)
+        assert {layer.sparsity.bsa.fill for layer in model.attention_layers} == {arm.fill}

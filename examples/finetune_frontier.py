@@ -32,6 +32,7 @@ import torch
 
 from bsa_flex import BSAConfig, LayerSparsity, SparsitySchedule, layer_stats
 from bsa_flex.extras import environment, pyplot_or_none
+from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
 from video_dit import VideoDiT, flow_loss, make_clips, plot_samples, sample, step_noise, validation_loss  # noqa: E402
@@ -87,10 +88,10 @@ ARMS += [Arm("bsa_0.93_space_time", 0.5, 0.93, windows=((1, 2, 2), (2, 1, 1)))]
 
 # ----------------------------------------------------------------------------- pieces
 
-def build_model(setting: Setting, device) -> VideoDiT:
-    """The DiT with BSA-capable attention layers (dense until a schedule says otherwise)."""
+def build_model(setting: Setting, device, fill: str = "most_similar", kernel: str = "auto") -> VideoDiT:
+    """The DiT with BSA-capable attention layers of one fill rule (dense until a schedule says otherwise)."""
     model = VideoDiT(setting.channels, setting.patch, setting.width, setting.layers, setting.heads,
-                     BSAConfig(block_size=setting.block_size)).to(device)
+                     BSAConfig(block_size=setting.block_size, fill=fill, kernel=kernel)).to(device)
     for layer in model.attention_layers:
         layer.set_sparsity(LayerSparsity(True, 1.0, 1.0))
     return model
@@ -129,6 +130,12 @@ def sparsity_of(model, clips, dtype) -> float:
     with torch.no_grad(), torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
         model(0.5 * clips + 0.5 * noise, t)
     return statistics.fmean(row["sparsity"] for row in layer_stats(model.attention_layers))
+
+
+def training_kernel(requested: str, setting: Setting, device, dtype) -> str:
+    """The attention kernel bsa_flex picks for the training calls of this setting."""
+    probe = torch.empty(1, 1, 1, setting.width // setting.heads, device=device, dtype=dtype)
+    return choose_kernel(requested, kernel_facts(probe, setting.block_size, True, False))[0]
 
 
 def schedule_for(arm: Arm, threshold: float, steps: int) -> SparsitySchedule:
@@ -181,13 +188,13 @@ def save_samples(model, clips, dtype, path: str, name: str) -> None:
     torch.save({"data": clips[:1].cpu(), name: sample(model, noise, 20, dtype)[:1].cpu()}, path)
 
 
-def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device) -> dict:
+def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str) -> dict:
     """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(setting, device)
+    model = build_model(setting, device, arm.fill, kernel)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     clips = validation_clips(setting, device)
-    record = {"arm": dataclasses.asdict(arm), "seed": seed}
+    record = {"arm": dataclasses.asdict(arm), "seed": seed, "kernel_requested": kernel}
     schedule = None
     if arm.keep is not None:
         threshold, record["sparsity_at_start"] = calibrate(model, arm, clips, dtype)
@@ -198,17 +205,24 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device) -> dic
     record.update(wall_s=time.perf_counter() - start, train_loss=losses[::5],
                   val_loss=validation_loss(model, clips, dtype))
     record["sparsity_at_end"] = 0.0 if schedule is None else sparsity_of(model, clips, dtype)
+    if schedule is not None:
+        record["kernel"] = training_kernel(kernel, setting, device, dtype)
     if seed == 0:
         save_samples(model, clips, dtype, os.path.join(out, f"samples_{arm.name}.pt"), arm.name)
     return record
 
 
-def finetune(setting: Setting, out: str, seed: int, device, arms) -> list[dict]:
-    """Every arm for one seed; arms_seed<seed>.json rewritten after each (a cut run keeps what it did)."""
+def finetune(setting: Setting, out: str, seed: int, device, arms, kernel: str = "auto") -> list[dict]:
+    """The arms for one seed, added to arms_seed<seed>.json (an arm run again replaces its record),
+    the file rewritten after each arm (a cut run keeps what it did)."""
+    path = os.path.join(out, f"arms_seed{seed}.json")
     records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [r for r in json.load(f)["records"] if r["arm"]["name"] not in {a.name for a in arms}]
     for arm in arms:
-        records.append(finetune_arm(arm, setting, out, seed, device))
-        with open(os.path.join(out, f"arms_seed{seed}.json"), "w") as f:
+        records.append(finetune_arm(arm, setting, out, seed, device, kernel))
+        with open(path, "w") as f:
             json.dump({"setting": dataclasses.asdict(setting), "environment": environment(device),
                        "records": records}, f, indent=1)
         r = records[-1]
@@ -373,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
+    parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
     parser.add_argument("--bench", default="benchmarks/results/bench-frontier.json",
                         help="summarize: bench JSON of `python -m bsa_flex.bench --part frontier`")
     parser.add_argument("--scratch", default="benchmarks/results/train_video_dit_h200",
@@ -388,7 +403,7 @@ def main(argv=None) -> None:
     if args.command == "pretrain":
         print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
     elif args.command == "finetune":
-        finetune(setting, args.out, args.seed, device, arms)
+        finetune(setting, args.out, args.seed, device, arms, args.kernel)
     else:
         summarize(args.out, args.bench, args.scratch, args.results)
 
