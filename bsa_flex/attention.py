@@ -53,7 +53,16 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
         text_rows = q_kept.shape[2] // bs - probs.shape[-2]
         kv_blocks = torch.cat([kv_blocks | layout.kv_block_text,
                                layout.kv_block_valid.expand(*kv_blocks.shape[:2], text_rows, -1)], 2)
+    if plan.query_share[1] > 1:  # ranks sharing these heads: this one attends its run of query blocks only
+        kv_blocks = kv_blocks & query_blocks_in_share(kv_blocks.shape[2], plan.query_share, q.device)[:, None]
     return SparseOperands(q_kept, k_slots, v_slots, kept, kv_blocks)
+
+
+def query_blocks_in_share(n_blocks: int, share: tuple[int, int], device) -> torch.Tensor:
+    """[n_blocks] bool: the query blocks of run ``share[0]`` of ``share[1]`` near-equal consecutive runs."""
+    index, runs = share
+    block = torch.arange(n_blocks, device=device)
+    return (block >= index * n_blocks // runs) & (block < (index + 1) * n_blocks // runs)
 
 
 def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):

@@ -44,7 +44,7 @@ SWEEP_SHAPES = [(4, 16, 32), (6, 28, 52), (16, 28, 52), (20, 40, 64), (40, 48, 8
 SWEEP_SPARSITIES = (0.90, 0.95)
 # Geometries compared at the Wan cases (same target sparsity, different split between query and KV sparsity;
 # keep 1.0 is KV sparsity alone, the setting that matched full attention in training)
-GEOMETRIES = {"keep 0.5": {}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0}}
+GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0}}
 FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                        "efficient": SDPBackend.EFFICIENT_ATTENTION}
 # The math backend materialises S x S scores: tried only where no fused backend runs (e.g. on CPU)

@@ -36,7 +36,8 @@ def _fraction(text: str) -> float:
 def _add_sparsity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", type=_video, default=(8, 32, 32), metavar="TxHxW",
                         help="video tokens per axis after patching (default 8x32x32 = 8,192 tokens)")
-    parser.add_argument("--keep", type=_fraction, default=0.5, help="query keep ratio per window (default 0.5)")
+    parser.add_argument("--keep", type=_fraction, default=1.0,
+                        help="query keep ratio per window (default 1.0, as BSAConfig(); the paper's is 0.5)")
     parser.add_argument("--threshold", type=_fraction, default=0.9,
                         help="KV threshold: attention mass the kept KV blocks must reach (default 0.9)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")

@@ -47,9 +47,14 @@ class BSAConfig:
     (p clamped into (0, 1], z into [-1e6, 1e6]) and NaN as the densest (p = 1, z = -1e6), so a
     bad value never makes attention sparser than asked. The other fields set shapes
     or code and compile once per distinct value.
+
+    Default ``query_keep_ratio=1.0`` (the KV side alone): in our training runs it is the only split
+    that reached full attention's validation loss, and pruning queries cost the most quality in
+    both regimes measured (benchmarks/results/frontier_2026-12-02, docs/training.md). The paper's
+    bidirectional setting is ``query_keep_ratio=0.5``.
     """
 
-    query_keep_ratio: float = 0.5
+    query_keep_ratio: float = 1.0
     kv_threshold: float | torch.Tensor = 0.9
     tile: tuple[int, int, int] = (4, 4, 4)
     window: tuple[int, int, int] = (2, 2, 2)

@@ -142,13 +142,14 @@ def _softmax_attention(scores: torch.Tensor, values: torch.Tensor) -> tuple[torc
     """softmax(scores) @ values and the rows' natural-log LSE, with one exponential of the scores.
 
     The row maximum is detached (the result does not depend on it); a row with no key gives
-    output 0 and LSE -inf, as FlexAttention does; a NaN score stays NaN.
+    output 0 and LSE -inf, as FlexAttention does, and zero gradients (its sum is divided by 1,
+    not by a tiny number whose reciprocal would overflow the backward); a NaN score stays NaN.
     """
     row_max = scores.detach().amax(-1, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
     weights = (scores - row_max).exp_()
     total = weights.sum(-1, keepdim=True)
-    out = (weights @ values) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    out = (weights @ values) / torch.where(total == 0, 1.0, total)
     return out, (row_max + total.log()).squeeze(-1)
 
 

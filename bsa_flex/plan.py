@@ -20,7 +20,9 @@ class BSAPlan:
     attention, "flash", "triton", "flex_cpu" or "blockwise" (``bsa_flex.kernels``); scale: the
     softmax scale; static: the layout's index tables for the kept count (cached with the layout);
     score_mod: the user's FlexAttention score_mod over raster positions, or None; token_order:
-    "raster" (q, k, v and out in sequence order) or "tile" (in ``layout.tile_order``).
+    "raster" (q, k, v and out in sequence order) or "tile" (in ``layout.tile_order``);
+    query_share: (i, n), this call attends only the i-th of n equal runs of compact query blocks
+    (the others attend no key: output 0), for ranks that share heads (``bsa_flex.distributed``).
     Made by ``bsa_flex.runtime.make_plan``; the operator reads it and never changes it.
     """
 
@@ -31,6 +33,7 @@ class BSAPlan:
     static: StaticSelection
     score_mod: Callable | None = None
     token_order: str = "raster"
+    query_share: tuple[int, int] = (0, 1)
 
     @property
     def in_tile_order(self) -> bool:

@@ -57,7 +57,7 @@ def _signature(operator: Callable, q, k, v, plan: BSAPlan) -> tuple:
     # the layout by identity: dynamo guards on the object, which the layout cache may rebuild
     return (operator, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, str(q.device),
             tuple(x.requires_grad for x in (q, k, v)), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            q.is_inference(), plan.kernel, id(plan.layout), plan.scale, plan.score_mod, plan.token_order, fields)
+            q.is_inference(), plan.kernel, id(plan.layout), plan.scale, plan.score_mod, plan.token_order, plan.query_share, fields)
 
 
 class _GraphLog:

@@ -7,9 +7,10 @@ import torch
 from bsa_flex import BSAConfig
 
 
-def test_default_config_is_sparse_on_both_sides():
+def test_default_config_keeps_every_query_and_prunes_key_value_blocks():
+    """The split that trained to parity (docs/training.md): the KV side alone."""
     config = BSAConfig()
-    assert config.query_keep_ratio < 1.0 and config.kv_threshold < 1.0
+    assert config.query_keep_ratio == 1.0 and config.keep_per_window == 8 and config.kv_threshold < 1.0
 
 
 def test_dense_config_keeps_everything():

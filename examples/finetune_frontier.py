@@ -237,17 +237,17 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def bench_speedups(path: str | None) -> dict:
-    """(tokens, keep ratio, target sparsity) -> fwd+bwd speed-up over the best SDPA, from a bench JSON
-    (the FLASH rows where there are any); {} without one."""
-    if path is None or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        rows = json.load(f)["rows"]
+def bench_speedups(paths: list[str]) -> dict:
+    """(tokens, keep ratio, target sparsity) -> (fwd+bwd speed-up over the best SDPA, the bench file), from
+    bench JSONs: FLASH rows where there are any, an earlier file before a later one; {} without any."""
     found = {}
-    for r in sorted(rows, key=lambda r: r["kernel"] == "flash"):  # FLASH rows written last win
-        if "speedup_vs_sdpa_fwd_bwd" in r:
-            found[r["tokens"], r["query_keep_ratio"], round(r["target_sparsity"], 2)] = r["speedup_vs_sdpa_fwd_bwd"]
+    for path in reversed([p for p in paths if os.path.exists(p)]):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        for r in sorted(rows, key=lambda r: r["kernel"] == "flash"):  # FLASH rows written last win
+            if "speedup_vs_sdpa_fwd_bwd" in r:
+                key = r["tokens"], r["query_keep_ratio"], round(r["target_sparsity"], 2)
+                found[key] = (r["speedup_vs_sdpa_fwd_bwd"], f"{os.path.basename(path)} ({r['kernel']})")
     return found
 
 
@@ -260,15 +260,16 @@ def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
     rows = []
     for name, runs in by_arm.items():
         arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
+        small, large = (speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
         rows.append({"regime": "fine-tune", "arm": name, "query_keep_ratio": arm["keep"], "fill": arm["fill"],
                      "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
                      "dense_val_loss_mean": dense[0], "dense_val_loss_std": dense[1], "gap": loss[0] / dense[0] - 1,
-                     "speedup_23296": speedups.get((23296, arm["keep"], arm["target"])),
-                     "speedup_153600": speedups.get((153600, arm["keep"], arm["target"])),
-                     "speedup_of": "the bench's split at this keep ratio and sparsity (2x2x2 windows, most_similar "
-                                   "fill, FLASH kernel)"})
+                     "speedup_23296": small[0], "speedup_153600": large[0],
+                     "speedup_of": f"the bench's split at this keep ratio and sparsity (2x2x2 windows, most_similar "
+                                   f"fill): 23,296 from {small[1]}, 153,600 from {large[1]}",
+                     "kernel": sorted({r.get("kernel", "?") for r in runs})})
     return rows
 
 
@@ -304,29 +305,29 @@ def scratch_rows(folder: str) -> list[dict]:
                      "achieved_sparsity_mean": sparsity, "seeds": [bsa["setup"]["seed"]],
                      "val_loss_mean": bsa["val"][-1][1], "val_loss_std": None, "dense_val_loss_mean": full,
                      "dense_val_loss_std": None, "gap": bsa["val"][-1][1] / full - 1, "speedup_23296": None,
-                     "speedup_153600": None, "speedup_of": f"not timed (16,384-token runs, {bsa['setup']['steps']} "
+                     "speedup_153600": None, "kernel": None, "speedup_of": f"not timed (16,384-token runs, {bsa['setup']['steps']} "
                                                            f"steps from scratch)"})
     return rows
 
 
 def plot_frontier(rows: list[dict], path: str) -> str | None:
-    """Validation-loss gap against the 153,600-token speed-up (23,296 where that is missing), one point per arm."""
+    """Validation-loss gap against the 23,296-token fwd+bwd speed-up, one point per fine-tune arm."""
     plt = pyplot_or_none()
     if plt is None:
         return "matplotlib is not installed: no frontier plot"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in rows:
-        speedup = r["speedup_153600"] or r["speedup_23296"]
-        if speedup is None:
+        if r["speedup_23296"] is None:
             continue
         marker = "o" if r["query_keep_ratio"] == 1.0 else "s"
-        ax.errorbar(speedup, 100 * r["gap"], yerr=None if r["val_loss_std"] is None else
+        ax.errorbar(r["speedup_23296"], 100 * r["gap"], yerr=None if r["val_loss_std"] is None else
                     100 * r["val_loss_std"] / r["dense_val_loss_mean"], marker=marker, capsize=3)
-        ax.annotate(r["arm"], (speedup, 100 * r["gap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(r["arm"], (r["speedup_23296"], 100 * r["gap"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
     ax.axhline(2.0, color="red", lw=0.8, ls="--", label="+2% (target)")
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set(xlabel="fwd+bwd attention speed-up over SDPA at 153,600 tokens (H200, FLASH)",
-           ylabel="validation loss vs dense (%)", title="BSA fine-tune: quality-speed frontier (mean of seeds)")
+    ax.set(xlabel="fwd+bwd attention speed-up over SDPA of the split at 23,296 tokens",
+           ylabel="validation loss vs dense (%)", title="BSA fine-tune: quality against speed (mean of 3 seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -344,7 +345,7 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
         environments.append(saved["environment"])
     if not records:
         raise SystemExit(f"no arms_seed*.json under {out}: run finetune first")
-    rows = frontier_rows(records, bench_speedups(bench)) + scratch_rows(scratch)
+    rows = frontier_rows(records, bench_speedups(bench.split(","))) + scratch_rows(scratch)
     with open(os.path.join(out, "pretrain.json")) as f:
         pretrained = json.load(f)
     summary = {"rows": rows, "environment": environments[0], "setting": pretrained["setting"],
@@ -389,7 +390,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
     parser.add_argument("--bench", default="benchmarks/results/bench-frontier.json",
-                        help="summarize: bench JSON of `python -m bsa_flex.bench --part frontier`")
+                        help="summarize: bench JSONs (comma-separated, the first preferred) of `python -m "
+                             "bsa_flex.bench --part frontier` or --part wan")
     parser.add_argument("--scratch", default="benchmarks/results/train_video_dit_h200",
                         help="summarize: folder of the from-scratch runs")
     parser.add_argument("--results", default="benchmarks/results", help="summarize: where the frontier goes")

@@ -1,4 +1,5 @@
-"""Ulysses sequence-parallel BSA: each rank holds S/P tokens, attends over all S for H/P heads.
+"""Ulysses sequence-parallel BSA: each rank holds S/P tokens, attends over all S for H/P heads
+(or, where P does not divide the heads, for a head group shared by several ranks).
 
     torchrun --nproc-per-node 2 examples/ulysses.py            # NCCL on GPUs, gloo on CPU
     torchrun --nproc-per-node 2 examples/ulysses.py --video 40 48 80 --heads 12 --dim 128
@@ -16,10 +17,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch.distributed._functional_collectives import wait_tensor
 
 import bsa_flex
-from bsa_flex.distributed import heads_to_sequence, sequence_to_heads, ulysses_attention
+from bsa_flex.attention import query_blocks_in_share
+from bsa_flex.distributed import head_groups, heads_to_sequence, rank_attention, sequence_to_heads, ulysses_attention
 from bsa_flex.synthetic import video_qkv
 from masks import tokens_with_same_selection
 
@@ -39,15 +42,17 @@ def timed_ms(fn, device, repeats=10):
     return sorted(times[1:])[repeats // 2]
 
 
-def same_selection_in_shard(mine, theirs, shard: slice, block_size: int) -> torch.Tensor:
+def same_selection_in_shard(mine, theirs, shard: slice, block_size: int, replicas: int = 1) -> torch.Tensor:
     """[B, H, S/P] bool over all heads at this rank's tokens: both runs chose the same query and KV blocks.
 
-    mine and theirs are the selections of this rank's heads (over the whole sequence).
+    mine and theirs are the selections of this rank's heads (over the whole sequence); the ranks
+    of a head group (``replicas`` of them, each reporting its own query blocks) must all agree.
     """
     same = tokens_with_same_selection(mine, theirs, block_size).to(torch.uint8)
     parts = [torch.empty_like(same) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, same)
-    return torch.cat(parts, 1)[:, :, shard].bool()
+    by_group = rearrange(torch.stack(parts).bool(), "(g r) b h s -> r b (g h) s", r=replicas).all(0)
+    return by_group[:, :, shard]
 
 
 def compare(out, ref, grads, ref_grads, same) -> dict:
@@ -97,7 +102,9 @@ def main():
 
     grad_full = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
     grad = grad_full[:, :, shard]
-    heads = slice(rank * args.heads // world, (rank + 1) * args.heads // world)
+    groups, replicas = head_groups(args.heads, args.heads, world)  # replicas > 1: ranks share heads
+    share = (rank % replicas, replicas)
+    heads = slice(rank // replicas * args.heads // groups, (rank // replicas + 1) * args.heads // groups)
 
     def run_checked(fn):
         """Output, stats and input gradients of one Ulysses fwd+bwd."""
@@ -113,10 +120,13 @@ def main():
     reference.backward(grad_full)
     ref_grads = [t.grad[:, :, shard] for t in (q, k, v)]
     ref_selection = type(ref_stats.selection)(*(t[:, heads] for t in ref_stats.selection))
+    if replicas > 1:  # a rank sharing heads reports the KV blocks of its own query blocks only
+        rows = query_blocks_in_share(ref_selection.kv_blocks.shape[2], share, device)
+        ref_selection = ref_selection._replace(kv_blocks=ref_selection.kv_blocks & rows[:, None])
     out, stats, grads = run_checked(ulysses_attention)
     checks = {"ulysses vs one process": compare(
         out, reference[:, :, shard], grads, ref_grads,
-        same_selection_in_shard(stats.selection, ref_selection, shard, config.block_size))}
+        same_selection_in_shard(stats.selection, ref_selection, shard, config.block_size, replicas))}
 
     variants = [(f"{c} head chunks", c, ulysses_attention) for c in args.head_chunks]
     if args.compile:
@@ -125,12 +135,14 @@ def main():
         out_c, stats_c, grads_c = run_checked(compiled)
         checks["compiled vs eager ulysses"] = compare(
             out_c, out, grads_c, grads, same_selection_in_shard(stats_c.selection, stats.selection, shard,
-                                                                config.block_size))
+                                                                config.block_size, replicas))
     step = lambda fn, chunks: fn(*local, video, config, head_chunks=chunks).backward(grad)  # noqa: E731
     group = dist.group.WORLD
-    heads_local = [sequence_to_heads(t.detach(), world, group) for t in local]
-    a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group), world, group))  # noqa: E731
-    attend = lambda: bsa_flex.attention(*[t.requires_grad_() for t in heads_local], video, config).sum().backward()  # noqa: E731
+    heads_local = [sequence_to_heads(t.detach(), world, group, replicas) for t in local]
+    a2a = lambda: wait_tensor(heads_to_sequence(sequence_to_heads(local[0].detach(), world, group, replicas),  # noqa: E731
+                                                world, group, replicas))
+    attend = lambda: rank_attention(*[t.requires_grad_() for t in heads_local], video, config,  # noqa: E731
+                                    query_share=share).sum().backward()
     one_gpu = lambda: bsa_flex.attention(q, k, v, video, config).backward(grad_full)  # noqa: E731
     row = dict(rank=rank, sparsity=float(stats.sparsity), checks=checks,
                step_ms={label: timed_ms(lambda: step(fn, c), device) for label, c, fn in variants},
@@ -156,11 +168,14 @@ def main():
             print(f"1 process, all {args.heads} heads: fwd+bwd {one_gpu_ms:.2f} ms; {world} ranks, {label}: "
                   f"{step_ms:.2f} ms (slowest rank) -> throughput {throughput[label]:.2f}x on {world} over 1")
         if os.environ.get("OUT"):
-            env = dict(torch=torch.__version__, world=world, video=video, heads=args.heads, dim=args.dim,
+            env = dict(torch=torch.__version__, world=world, head_groups=groups, ranks_per_group=replicas,
+                       video=video, heads=args.heads, dim=args.dim,
                        dtype=str(dtype), backend=dist.get_backend(),
                        card=torch.cuda.get_device_name(device) if cuda else "cpu")
             with open(os.path.join(os.environ["OUT"], "ulysses.json"), "w") as f:
-                json.dump(dict(environment=env, rows=rows, throughput_vs_one=throughput), f, indent=1)
+                json.dump(dict(environment=env, world_size=world, kernel=stats.kernel, rows=rows,
+                               throughput_vs_1gpu=throughput,
+                               attention_imbalance=slowest / fastest), f, indent=1)
     dist.destroy_process_group()
 
 
