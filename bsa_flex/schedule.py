@@ -53,7 +53,7 @@ class SparsitySchedule:
     does the switch from dense to sparse, and each window. Revisiting a value reuses its graph.
     """
 
-    final_keep_ratio: float = 0.5
+    final_keep_ratio: float = 1.0  # as BSAConfig(): the KV side alone (docs/training.md); the paper's is 0.5
     final_kv_threshold: float = 0.9
     dense_steps: int = 0
     ramp_steps: int = 0

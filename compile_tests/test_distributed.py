@@ -116,8 +116,8 @@ def _shared_heads_rank_main(rank: int, world: int, port: int, heads: tuple, with
 
 
 @pytest.mark.parametrize("world,heads,with_grad,compiled,text", [
-    (3, (4, 2), True, False, (0, 0)), (4, (6, 6), True, False, (5, 11)), (4, (6, 6), False, True, (0, 0))],
-    ids=["3_ranks_4_q_2_kv_heads_grads", "4_ranks_6_heads_grads_text_tokens", "4_ranks_6_heads_forward_compiled"])
+    (3, (4, 2), True, False, (0, 0)), (4, (6, 6), True, False, (5, 11)), (3, (4, 4), False, True, (0, 0))],
+    ids=["3_ranks_4_q_2_kv_heads_grads", "4_ranks_6_heads_grads_text_tokens", "3_ranks_4_heads_forward_compiled"])
 def test_ranks_that_do_not_divide_the_heads_equal_single_process_bsa(world, heads, with_grad, compiled, text):
     mp.start_processes(_shared_heads_rank_main, args=(world, _free_port(), heads, with_grad, compiled, text),
                        nprocs=world, join=True, start_method="spawn")

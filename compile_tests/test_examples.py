@@ -118,20 +118,22 @@ def test_summarize_says_which_samples_are_missing_and_still_writes_the_summary(t
     assert any("samples_bsa.pt is missing" in note for note in again["notes"])
 
 
-def test_ulysses_example_on_two_cpu_processes_matches_one_process(tmp_path):
-    """examples/ulysses.py as the README runs it, small: 2 gloo ranks, checks and timings."""
-    import json
+@pytest.mark.parametrize("ranks,video,compiled", [(2, ("4", "8", "16"), True), (3, ("3", "8", "16"), False)],
+                         ids=["2_ranks_compiled", "3_ranks_sharing_4_heads"])
+def test_ulysses_example_on_cpu_processes_matches_one_process(tmp_path, ranks, video, compiled):
+    """examples/ulysses.py as the README runs it, small: gloo ranks (3 share 4 heads), checks and timings."""
     import os
     import subprocess
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(ROOT / "examples" / "ulysses.py"), "--video", "4", "8", "16", "--heads", "4", "--dim", "16",
-               "--head-chunks", "1", "--compile"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+               str(ROOT / "examples" / "ulysses.py"), "--video", *video, "--heads", "4", "--dim", "16",
+               "--head-chunks", "1", *(["--compile"] if compiled else [])]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / "ulysses.json").read_text())["rows"]
-    for row in rows:
-        for name in ("ulysses vs one process", "compiled vs eager ulysses"):
+    saved = json.loads((tmp_path / "ulysses.json").read_text())
+    assert saved["world_size"] == ranks and len(saved["rows"]) == ranks and saved["attention_imbalance"] >= 1.0
+    for row in saved["rows"]:
+        for name in ("ulysses vs one process", "compiled vs eager ulysses")[:2 if compiled else 1]:
             check = row["checks"][name]
             assert check["tokens_choosing_otherwise"] == 0
             assert check["max_abs_error"] < 1e-5 and check["max_abs_grad_error"] < 1e-5
