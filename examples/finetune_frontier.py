@@ -35,7 +35,8 @@ from bsa_flex.extras import environment, pyplot_or_none
 from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import VideoDiT, flow_loss, make_clips, plot_samples, sample, step_noise, validation_loss  # noqa: E402
+from video_dit import (VideoDiT, make_clips, plot_samples, sample, step_noise, train_step,  # noqa: E402
+                       validation_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +110,7 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
         clean = make_clips([seed * 1_000_000 + step * setting.batch + i for i in range(setting.batch)],
                            *setting.latent, setting.channels, device)
         noise, t = step_noise(step, clean.shape, device, salt=seed)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = flow_loss(model, clean, noise, t)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(train_step(model, optimiser, clean, noise, t, dtype)))
     return losses
 
 

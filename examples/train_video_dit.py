@@ -33,7 +33,7 @@ from bsa_flex.extras import environment, progress
 from masks import FILL_POLICIES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import (VideoDiT, draw_plots, flow_loss, make_clips, sample, step_noise,  # noqa: E402
+from video_dit import (VideoDiT, draw_plots, make_clips, sample, step_noise, train_step,  # noqa: E402
                        training_free_sweep, validation_loss)
 
 
@@ -59,16 +59,11 @@ def train_arm(name: str, args, bsa: BSAConfig | None, schedule: SparsitySchedule
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = flow_loss(runner, clean, noise, t)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
+        loss = train_step(model, optimiser, clean, noise, t, dtype, runner)
         if device.type == "cuda":
             torch.cuda.synchronize()
         record["step_ms"].append((time.perf_counter() - start) * 1e3)
-        record["train_loss"].append(float(loss.detach()))
+        record["train_loss"].append(float(loss))
         if schedule is not None and step % args.log_every == 0:
             rows = layer_stats(model.attention_layers)
             record["sparsity"].append((step, [r["sparsity"] for r in rows], [r["kept_query_fraction"] for r in rows]))

@@ -136,6 +136,19 @@ def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: tor
     return F.mse_loss(model(noisy, t).float(), (noise - clean).float())
 
 
+def train_step(model: nn.Module, optimiser, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, dtype,
+               runner: nn.Module | None = None) -> torch.Tensor:
+    """One optimiser step of flow matching (autocast to ``dtype``, gradient norm clipped at 1); the loss.
+    ``runner``: what computes the forward (e.g. the compiled model), default ``model``."""
+    with torch.autocast(clean.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = flow_loss(model if runner is None else runner, clean, noise, t)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimiser.step()
+    return loss.detach()
+
+
 def step_noise(step: int, batch_shape, device, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise and flow times of one step: the same in both arms (logit-normal t, as in SD3)."""
     g = torch.Generator(device=device).manual_seed(1_000_003 * step + salt)
