@@ -119,6 +119,9 @@ def rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, video_shap
     only the ``query_share`` (i, n) run of query blocks (output 0 elsewhere); for timing a rank alone."""
     check_operands(q, k, v, config, scale=None, enable_gqa=enable_gqa, score_mod=None)
     video_shape = check_video_shape(video_shape, q.shape[2], (0, 0))
+    if (not isinstance(query_share, (tuple, list)) or len(query_share) != 2 or not all(map(is_integer, query_share))
+            or not 0 <= query_share[0] < query_share[1]):
+        raise ValueError(f"query_share must be (i, n) with integers 0 <= i < n, got {query_share!r}")
     plan = dataclasses.replace(make_plan(q, k, v, video_shape, config), query_share=tuple(query_share))
     return run_operator(sparse_attention, q, k, v, plan, False)
 

@@ -51,6 +51,9 @@ def rope_3d(q: torch.Tensor, k: torch.Tensor, video_shape, base: float = 10000.0
     angles_w = _rope_angles(W, spatial, base, q.device)[None, None, :, :].expand(T, Hh, W, -1)
     angles = torch.cat([angles_t, angles_h, angles_w], -1).reshape(T * Hh * W, D // 2)
     if positions is not None:
+        if not isinstance(positions, torch.Tensor) or positions.shape != (T * Hh * W,) or positions.is_floating_point():
+            raise ValueError(f"rope_3d positions must be an integer tensor of shape [{T * Hh * W}] (one raster index "
+                             f"per token), got {getattr(positions, 'shape', type(positions).__name__)}")
         angles = angles[positions]
     cos, sin = angles.cos(), angles.sin()
 
@@ -142,7 +145,8 @@ class BSAttention(nn.Module):
     [B, S, dim]. ``token_order="tile"``: x comes and returns in the tile order of
     ``bsa_flex.tile_order(video_shape, bsa)`` (permute once after patchify, back once before
     unpatchify); the rope hook is then called with ``positions=`` the raster index of each token
-    (as :func:`rope_3d` takes it), and the layer's window is fixed (the order depends on it). ``bsa`` is the layer's BSA configuration (``None``: always dense, through
+    (as :func:`rope_3d` takes it), and the layer's window is fixed (the order depends on it).
+    ``bsa`` is the layer's BSA configuration (``None``: always dense, through
     ``F.scaled_dot_product_attention``). ``kv_heads`` < ``heads`` is grouped-query attention.
     ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
 
@@ -197,7 +201,8 @@ class BSAttention(nn.Module):
 
     def set_sparsity(self, setting: LayerSparsity) -> None:
         """See :meth:`SparsityControl.set_sparsity`; in the tile order the window cannot change."""
-        if self.token_order == "tile" and setting.window is not None and tuple(setting.window) != self.sparsity.bsa.window:
+        tiled = self.token_order == "tile"  # then bsa is set (the constructor checks it)
+        if tiled and setting.window is not None and tuple(setting.window) != self.sparsity.bsa.window:
             raise ValueError(f"window {tuple(setting.window)}: this layer keeps its tokens in the tile order of window "
                              f"{self.sparsity.bsa.window}, which another window would misread; use token_order='raster'")
         self.sparsity.set_sparsity(setting)

@@ -176,3 +176,11 @@ def test_the_query_shares_of_a_head_group_sum_to_the_whole_attention_with_finite
         for share_sum, want in zip(zip(*(torch.autograd.grad(p, (q, k, v), g) for p in parts)), expected):
             assert all(t.isfinite().all() for t in share_sum)
             torch.testing.assert_close(sum(share_sum), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("share", [(2, 2), (-1, 2), (0, 0), (0.0, 2), (0,)])
+def test_a_query_share_that_is_not_a_run_of_the_blocks_is_refused_naming_it(share):
+    from bsa_flex.distributed import rank_attention
+    q = torch.randn(1, 2, 192, 16)
+    with pytest.raises(ValueError, match="query_share"):
+        rank_attention(q, q, q, VIDEO, CONFIG, query_share=share)

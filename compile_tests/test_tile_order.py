@@ -136,3 +136,10 @@ def test_a_compiled_bsattention_in_tile_order_gives_its_eager_output():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x, video_shape), layer(x, video_shape),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [torch.arange(10), torch.arange(180.0), [0, 1]])
+def test_rope_positions_that_are_not_one_integer_index_per_token_are_refused_naming_them(positions):
+    q = torch.randn(1, 1, 180, 12)
+    with pytest.raises(ValueError, match="positions"):
+        bsa_flex.rope_3d(q, q, (3, 6, 10), positions=positions)
