@@ -45,6 +45,7 @@ SWEEP_SPARSITIES = (0.90, 0.95)
 # Geometries compared at the Wan cases (same target sparsity, different split between query and KV sparsity;
 # keep 1.0 is KV sparsity alone, the setting that matched full attention in training)
 GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0}}
+BROKEN_DOWN = ("keep 0.5", "keep 1.0")  # the paper's split and BSAConfig()'s: the Wan rows with the full breakdown
 FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                        "efficient": SDPBackend.EFFICIENT_ATTENTION}
 # The math backend materialises S x S scores: tried only where no fused backend runs (e.g. on CPU)
@@ -63,11 +64,15 @@ class Setup:
     sharpness: float = 2.0
 
 
-def median_ms(fn: Callable, device: torch.device, budget_ms: float = 100.0) -> float:
-    """Median time of fn in ms after warm-up: CUDA events via triton's do_bench, wall clock on CPU."""
+def median_ms(fn: Callable, device: torch.device, budget_ms: float = 100.0, grad_to_none=None) -> float:
+    """Median time of fn in ms after warm-up: CUDA events via triton's do_bench, wall clock on CPU.
+
+    ``grad_to_none``: leaves whose ``.grad`` is reset before each call, so that a timed backward
+    writes its gradients instead of adding them to the last call's (an extra read-add-write of
+    q, k and v that no training step pays twice)."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return float(do_bench(fn, warmup=25, rep=budget_ms, return_mode="median"))
+        return float(do_bench(fn, warmup=25, rep=budget_ms, return_mode="median", grad_to_none=grad_to_none))
     fn()
     times = []
     for _ in range(5):
@@ -147,15 +152,19 @@ def layer_peak_gib(attend: Callable, heads: int, head_dim: int, video_shape, dty
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device, *, host: bool = False) -> dict:
+def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device, *, leaves=(), host: bool = False) -> dict:
     """{"fwd", "fwd_bwd": ms (None without grad_out), "peak_gib": fwd+bwd peak or None}; with ``host``
-    also "host_fwd", "host_fwd_bwd": host ms to enqueue (None on CPU)."""
+    also "host_fwd", "host_fwd_bwd": host ms to enqueue (None on CPU). ``leaves``: the inputs
+    that require grad; their ``.grad`` is reset before each timed backward and before the peak
+    is measured (the peak of one step: inputs, its working memory and its new gradients)."""
     result = {"fwd": median_ms(forward, device), "fwd_bwd": None, "peak_gib": None}
     if host:
         result.update(host_fwd=host_ms(forward, device), host_fwd_bwd=None)
     if grad_out is not None:
         step = lambda: forward().backward(grad_out)  # noqa: E731
-        result["fwd_bwd"] = median_ms(step, device)
+        result["fwd_bwd"] = median_ms(step, device, grad_to_none=list(leaves))
+        for leaf in leaves:
+            leaf.grad = None
         result["peak_gib"] = peak_gib(step, device)
         if host:
             result["host_fwd_bwd"] = host_ms(step, device)
@@ -174,7 +183,7 @@ def best_sdpa(q, k, v, grad_out, device) -> dict:
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v)
         try:
-            timings[name] = fwd_and_fwd_bwd(forward, grad_out, device)
+            timings[name] = fwd_and_fwd_bwd(forward, grad_out, device, leaves=(q, k, v))
         except RuntimeError as error:  # backend not available for this card/dtype/shape
             timings[name] = {"error": str(error).splitlines()[0][:200]}
     ran = {n: t for n, t in timings.items() if "error" not in t}
@@ -224,7 +233,7 @@ def stage_breakdown(q, k, v, plan: BSAPlan, grad_out) -> dict:
     kernel = compile_static(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=plan.scale,
                                                           enable_gqa=q.shape[1] != k.shape[1], kernel_options=options))
     kernel_grad = None if grad_out is None or device.type != "cuda" else torch.randn_like(operands[0])
-    t_kernel = fwd_and_fwd_bwd(lambda: kernel(*operands), kernel_grad, device)
+    t_kernel = fwd_and_fwd_bwd(lambda: kernel(*operands), kernel_grad, device, leaves=operands)
     return {"kernel": plan.kernel, "select_ms": t_select, "block_mask_ms": t_mask, "kernel_fwd": t_kernel["fwd"],
             "kernel_fwd_bwd": t_kernel["fwd_bwd"]}
 
@@ -244,7 +253,7 @@ def dense_flex(q, k, v, grad_out, device, backend: str) -> dict:
     fn = compile_static(lambda q, k, v: flex_attention(q, k, v, kernel_options=options))
     inputs = (q, k, v) if train else (q.detach(), k.detach(), v.detach())
     try:
-        return fwd_and_fwd_bwd(lambda: fn(*inputs), grad_out if train else None, device)
+        return fwd_and_fwd_bwd(lambda: fn(*inputs), grad_out if train else None, device, leaves=inputs)
     except Exception as error:  # FLASH without flash-attn-4, or on a card it does not support  # noqa: BLE001
         return {"fwd": None, "fwd_bwd": None, "peak_gib": None, "error": str(error).splitlines()[0][:200]}
 
@@ -300,7 +309,7 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
     config, achieved, ran = calibrate_threshold(
         q, k, v, video_shape, dataclasses.replace(setup.config, kernel=kernel, **GEOMETRIES[geometry]), target)
     call = lambda: attention(q, k, v, video_shape, config)  # noqa: E731
-    bsa = fwd_and_fwd_bwd(call, grad_out, device, host=True)
+    bsa = fwd_and_fwd_bwd(call, grad_out, device, leaves=(q, k, v), host=True)
     if profile_dir is not None:
         step = (lambda: call().backward(grad_out)) if device.type == "cuda" else call
         profile_table(step, device, os.path.join(profile_dir, f"profile-{math.prod(video_shape)}-"
@@ -314,7 +323,51 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
         row["stages"] = _stages(q, k, v, video_shape, config, grad_out=grad_out, bsa=bsa, dense=dense,
                                 sparsity=achieved)
         row["tile_order"] = tile_order_record(setup, video_shape, config, row)
+        if device.type == "cuda":
+            row["cuda_graphs"] = cuda_graph_record(setup, video_shape, config, row)
     return row, baselines
+
+
+def graphed_fwd_bwd(forward: Callable, q, k, v, grad_out) -> dict:
+    """fwd (no grad) and fwd+bwd ms of ``forward`` compiled with mode="reduce-overhead" (CUDA
+    graphs), and how many graphs Inductor declined to capture (each is a launch-bound fallback)."""
+    from torch._dynamo.utils import counters
+    graphed = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    skips = counters["inductor"]["cudagraph_skips"]
+
+    def step():
+        torch.compiler.cudagraph_mark_step_begin()
+        graphed(q, k, v).backward(grad_out)
+
+    def infer():
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad():
+            graphed(q, k, v)
+    result = {"fwd": median_ms(infer, q.device), "fwd_bwd": median_ms(step, q.device, grad_to_none=[q, k, v])}
+    result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+    return result
+
+
+def cuda_graph_record(setup: Setup, video_shape, config: BSAConfig, row: dict) -> dict:
+    """The row's call, and the best SDPA backend, inside a caller's ``torch.compile(mode="reduce-overhead")``:
+    times, speed-up over the faster of graphed and plain SDPA, outside-kernel share against the
+    row's kernel alone. The forward is timed without gradients (a replayed training forward must
+    be followed by its backward)."""
+    q, k, v, grad_out = _inputs(video_shape, setup)
+    backend = SDPA_BACKENDS[row["sdpa"]["backend"]]
+
+    def sdpa(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    record = {"bsa": graphed_fwd_bwd(lambda q, k, v: attention(q, k, v, video_shape, config), q, k, v, grad_out),
+              "sdpa": graphed_fwd_bwd(sdpa, q, k, v, grad_out)}
+    best_sdpa_fwd_bwd = min(record["sdpa"]["fwd_bwd"], row["sdpa"]["fwd_bwd"])
+    record["speedup_vs_sdpa_fwd_bwd"] = best_sdpa_fwd_bwd / record["bsa"]["fwd_bwd"]
+    record["speedup_vs_sdpa_fwd"] = min(record["sdpa"]["fwd"], row["sdpa"]["fwd"]) / record["bsa"]["fwd"]
+    kernel = row["stages"]
+    record["outside_kernel_fwd_bwd"] = 1.0 - kernel["kernel_fwd_bwd"] / record["bsa"]["fwd_bwd"]
+    record["outside_kernel_fwd"] = 1.0 - kernel["kernel_fwd"] / record["bsa"]["fwd"]
+    return record
 
 
 def tile_order_record(setup: Setup, video_shape, config: BSAConfig, row: dict) -> dict:
@@ -324,7 +377,7 @@ def tile_order_record(setup: Setup, video_shape, config: BSAConfig, row: dict) -
     to_tile = tile_order(video_shape, config, device=q.device).to_tile
     q, k, v, grad_out = (t.detach()[:, :, to_tile].requires_grad_(t.requires_grad) for t in (q, k, v, grad_out))
     tiled = functools.partial(attention, video_shape=video_shape, config=config, token_order="tile")
-    record = {"bsa": fwd_and_fwd_bwd(lambda: tiled(q, k, v), grad_out, q.device, host=True),
+    record = {"bsa": fwd_and_fwd_bwd(lambda: tiled(q, k, v), grad_out, q.device, leaves=(q, k, v), host=True),
               "layer_peak_gib": layer_peak_gib(tiled, setup.heads, setup.head_dim, video_shape, setup.dtype,
                                                setup.device)}
     record.update(_speedups(record["bsa"], {"sdpa": row["sdpa"]}))
@@ -370,7 +423,7 @@ def markdown(result: dict) -> str:
             f"{share(stages.get('outside_kernel_fwd'))} / {share(stages.get('outside_kernel_fwd_bwd'))} | "
             f"{share(stages.get('kernel_vs_density_ideal'))} | {ms(s['peak_gib'])} / {ms(b['peak_gib'])} | "
             f"{ms(layer.get('sdpa'))} / {ms(layer.get('bsa'))} |")
-    lines += ["", *tile_order_lines(result["rows"]), *crossover_lines(result["rows"])]
+    lines += ["", *tile_order_lines(result["rows"]), *cuda_graph_lines(result["rows"]), *crossover_lines(result["rows"])]
     return "\n".join(lines) + "\n"
 
 
@@ -387,6 +440,23 @@ def tile_order_lines(rows: list[dict]) -> list[str]:
                      f"({t.get('speedup_vs_sdpa_fwd_bwd', float('nan')):.2f}x vs SDPA), outside kernel "
                      f"{'-' if outside is None else f'{outside:.0%}'}, peak GiB {b['peak_gib'] or float('nan'):.2f}"
                      f" (in a layer {t['layer_peak_gib'] or float('nan'):.2f})")
+    return lines + [""] if lines else []
+
+
+def cuda_graph_lines(rows: list[dict]) -> list[str]:
+    """One line per row timed under CUDA graphs as well: fwd / fwd+bwd, speed-ups, outside shares, skips."""
+    lines = []
+    for r in rows:
+        g = r.get("cuda_graphs")
+        if g is None:
+            continue
+        b, s = g["bsa"], g["sdpa"]
+        lines.append(f"- CUDA graphs (a caller's mode=\"reduce-overhead\"), {r['tokens']:,} tokens, {r['geometry']}, "
+                     f"{r['kernel']}: BSA fwd {b['fwd']:.2f} ms / fwd+bwd {b['fwd_bwd']:.2f} ms "
+                     f"({g['speedup_vs_sdpa_fwd']:.2f}x / {g['speedup_vs_sdpa_fwd_bwd']:.2f}x vs the faster of "
+                     f"graphed SDPA {s['fwd']:.2f} / {s['fwd_bwd']:.2f} ms and plain SDPA), outside kernel "
+                     f"{g['outside_kernel_fwd']:.0%} / {g['outside_kernel_fwd_bwd']:.0%}, graphs not captured: "
+                     f"{b['cudagraph_skips']} BSA, {s['cudagraph_skips']} SDPA")
     return lines + [""] if lines else []
 
 
@@ -460,7 +530,8 @@ def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple
          shapes=None) -> list[tuple[tuple[int, int, int], float, str, str, bool]]:
     """(video shape, target sparsity, geometry, kernel, with stage breakdown) for every case to run.
 
-    "wan": the two Wan2.1 cases in every geometry, the default one with the stage breakdown;
+    "wan": the two Wan2.1 cases in every geometry, those of ``BROKEN_DOWN`` with the stage
+    breakdown, the tile-order record and (on CUDA) the CUDA-graph record;
     "sweep": sequence lengths x sparsities in the default geometry (the Wan cases' default row
     counts for both); "frontier": the Wan video shapes at the frontier's sparsities in every
     geometry, without breakdown (not part of "all"). Every case runs on every kernel; ``shapes``
@@ -471,7 +542,7 @@ def plan(quick: bool, part: str, sparsities, kernels=("auto",), geometries=tuple
         return [((4, 8, 8), 0.5, default, kernel, True) for kernel in kernels]
     cases = []
     if part in ("all", "wan"):
-        cases += [(shape, target, geometry, geometry == default) for shape, target in WAN_CASES
+        cases += [(shape, target, geometry, geometry in BROKEN_DOWN) for shape, target in WAN_CASES
                   for geometry in geometries]
     if part in ("all", "sweep"):
         cases += [(shape, s, default, False) for shape in SWEEP_SHAPES for s in sparsities

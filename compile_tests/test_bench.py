@@ -29,11 +29,11 @@ def test_bad_command_line_exits_with_a_usage_error(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_wan_part_runs_both_wan_cases_in_every_geometry_and_breaks_down_the_default():
+def test_wan_part_runs_both_wan_cases_in_every_geometry_and_breaks_down_keep_half_and_keep_one():
     cases = bench.plan(False, "wan", bench.SWEEP_SPARSITIES)
     assert {(shape, target) for shape, target, *_ in cases} == set(bench.WAN_CASES)
     assert {geometry for _, _, geometry, _, _ in cases} == set(bench.GEOMETRIES)
-    assert all(breakdown == (geometry == "keep 0.5") for _, _, geometry, _, breakdown in cases)
+    assert all(breakdown == (geometry in ("keep 0.5", "keep 1.0")) for _, _, geometry, _, breakdown in cases)
 
 
 def test_every_case_runs_once_on_every_requested_kernel_and_shapes_filter_them():

@@ -108,7 +108,9 @@ def test_selected_first_equals_a_stable_descending_sort_of_the_selection(n, dens
     """The block lists' stream compaction gives exactly the order of the sort it replaces."""
     x = torch.rand(4, n, generator=torch.Generator().manual_seed(seed)) < density
     x[0], x[1] = True, False  # rows all selected and none selected
-    assert torch.equal(selected_first(x), torch.argsort(x.int(), dim=-1, descending=True, stable=True))
+    count, order = selected_first(x)
+    assert torch.equal(order.long(), torch.argsort(x.int(), dim=-1, descending=True, stable=True))
+    assert torch.equal(count, x.sum(-1, dtype=torch.int32)) and order.dtype == torch.int32
 
 
 @given(st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**31 - 1))
@@ -127,8 +129,9 @@ def test_compaction_and_ranks_inside_a_compiled_graph_equal_the_eager_sorts():
     scores = torch.randint(0, 3, (3, 50, 8), generator=g).float()
     compiled = torch.compile(lambda b, x: (selected_first(b.transpose(-1, -2)), stable_ranks(x * 1.0)),
                              fullgraph=True, dynamic=False)
-    order, ranks = compiled(blocks, scores)
-    assert torch.equal(order, torch.argsort(blocks.transpose(-1, -2).int(), dim=-1, descending=True, stable=True))
+    (count, order), ranks = compiled(blocks, scores)
+    assert torch.equal(order.long(), torch.argsort(blocks.transpose(-1, -2).int(), dim=-1, descending=True, stable=True))
+    assert torch.equal(count, blocks.transpose(-1, -2).sum(-1, dtype=torch.int32))
     assert torch.equal(ranks.argsort(-1), torch.argsort(scores, dim=-1, stable=True))
 
 

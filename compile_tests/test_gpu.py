@@ -426,3 +426,51 @@ def test_a_compiled_bsattention_in_tile_order_gives_the_raster_layer_results(ker
     torch.testing.assert_close(out_t, out_r, atol=2e-2, rtol=2e-2)
     for a, b in zip(grads_r, grads_t):
         torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kernel", BOTH_KERNELS)
+def test_query_shares_on_cuda_attend_their_blocks_give_exact_zeros_elsewhere_and_sum_to_bsa(kernel):
+    """Ulysses' shared heads on one card: each of 3 shares attends its run of compact query
+    blocks (the others have no KV block at all), and the shares' outputs and q/k/v gradients
+    sum to one call's, to bf16 rounding; the gradients stay finite on rows that attend nothing."""
+    from bsa_flex.distributed import rank_attention
+    case = CASES["bf16_gqa"]
+    config = on(kernel, dataclasses.replace(case.config, query_keep_ratio=0.5))
+    q, k, v = (t.requires_grad_() for t in case.inputs(8, device=CUDA, sharpness=8.0))
+    ref = bsa_flex.attention(q, k, v, case.video_shape, config, enable_gqa=True)
+    parts = [rank_attention(q, k, v, case.video_shape, config, query_share=(i, 3), enable_gqa=True) for i in range(3)]
+    owners = torch.stack([(p != 0).any(-1) for p in parts]).sum(0)
+    assert owners.max() == 1 and owners.float().mean() > 0.99  # every token in exactly one share
+    torch.testing.assert_close(sum(p.float() for p in parts), ref.float(), atol=1e-2, rtol=1e-2)
+    g = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, (q, k, v), g)
+    for share_grads, want in zip(zip(*(torch.autograd.grad(p, (q, k, v), g) for p in parts)), expected):
+        assert all(t.isfinite().all() for t in share_grads)
+        torch.testing.assert_close(sum(t.float() for t in share_grads), want.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kernel", BOTH_KERNELS)
+def test_a_users_cuda_graphed_compile_records_bsa_without_skips_and_its_replays_match_oracle(kernel):
+    """torch.compile(mode="reduce-overhead") around the call (CUDA graphs: the remedy where the
+    FLASH path is launch-bound) captures BSA's forward and backward: Inductor skips no graph, and
+    the fourth call (a replay) matches the oracle, forward and backward."""
+    from torch._inductor import cudagraph_trees
+    case = CASES["bf16_gqa"]
+    config = on(kernel, dataclasses.replace(case.config, query_keep_ratio=0.5))
+    q, k, v = case.inputs(7, device=CUDA, sharpness=8.0)
+    graphed = torch.compile(bsa_flex.attention, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    skips = counters["inductor"]["cudagraph_skips"]
+
+    def replayed(q, k, v, *args, **kwargs):
+        for _ in range(3):  # warm-up, record, replay: each with its backward, leaving .grad untouched
+            torch.compiler.cudagraph_mark_step_begin()
+            out, _ = graphed(q, k, v, *args, **kwargs)
+            torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(q, k, v, *args, **kwargs)
+    stats = assert_matches_oracle(q, k, v, case.video_shape, config, enable_gqa=case.gqa, check_grads=True,
+                                  attention_fn=replayed)
+    assert stats.kernel == kernel
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and manager.roots, "no CUDA graph was recorded"

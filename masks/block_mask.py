@@ -71,7 +71,7 @@ def padding_mask_mod(layout: TileLayout):
 
 def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flex's (num_blocks, indices) pair for a boolean [..., nkv] matrix, selected blocks first."""
-    return blocks.sum(-1, dtype=torch.int32).contiguous(), selected_first(blocks).to(torch.int32)
+    return selected_first(blocks)
 
 
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:

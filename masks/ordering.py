@@ -1,4 +1,4 @@
-"""Stable argsort as an op the compiler does not look into.
+"""Stable argsort, and the prefix count of the stream compaction, as ops the compiler does not look into.
 
 Inductor lowers a sort of up to 512 elements to a Triton bitonic-sort kernel whose compile
 time explodes with the length: measured for our graph at 16,384 tokens (torch 2.11, Triton
@@ -19,7 +19,7 @@ __all__ = ["stable_argsort", "selected_first", "stable_ranks"]
 # time per call on our 2-core CPU, five calls per BSA call). Indices have no gradient.
 _LIB = torch.library.Library("bsa_masks", "DEF")
 _LIB.define("stable_argsort(Tensor x, bool descending) -> Tensor")
-_LIB.define("selected_first(Tensor x) -> Tensor")
+_LIB.define("selected_upto(Tensor x) -> Tensor")
 
 
 def _stable_argsort(x: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -34,22 +34,18 @@ def _(x: torch.Tensor, descending: bool) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.int64, device=x.device)
 
 
-def _selected_first(x: torch.Tensor) -> torch.Tensor:
-    # A prefix sum gives every selected entry its slot and every other entry its slot after them;
-    # ATen's scan, not Inductor's: a scan Inductor generated failed at one shape (torch 2.11).
-    selected = x.contiguous().bool()  # contiguous lists, as the fake (and Flex) promise
-    position = torch.arange(x.shape[-1], device=x.device).expand(x.shape)
-    selected_upto = selected.cumsum(-1)
-    slot = torch.where(selected, selected_upto - 1, selected_upto[..., -1:] + position - selected_upto)
-    return torch.empty_like(slot).scatter_(-1, slot, position)
+# The prefix sum is ATen's scan, not Inductor's: a scan Inductor generated failed at one shape
+# (torch 2.11). Everything around it stays in the graph, where it fuses.
+def _selected_upto(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().cumsum(-1, dtype=torch.int32)
 
 
-_LIB.impl("selected_first", _selected_first, "CompositeExplicitAutograd")
+_LIB.impl("selected_upto", _selected_upto, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("bsa_masks::selected_first")
+@torch.library.register_fake("bsa_masks::selected_upto")
 def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=torch.int64, device=x.device)
+    return torch.empty(x.shape, dtype=torch.int32, device=x.device)
 
 
 def stable_argsort(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -57,13 +53,21 @@ def stable_argsort(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
     return torch.ops.bsa_masks.stable_argsort(x.detach(), descending)
 
 
-def selected_first(x: torch.Tensor) -> torch.Tensor:
-    """Indices [..., n] (int64) of the nonzero entries of x in order, then of the zero ones in order.
+def selected_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many entries of x [..., n] are nonzero ([...], int32), and the indices [..., n] (int32)
+    of the nonzero entries in order, then of the zero ones in order.
 
-    The same as ``stable_argsort(x != 0, descending=True)``, but a stream compaction: linear in
-    n, no sort.
+    The indices equal ``stable_argsort(x != 0, descending=True)``, but by a stream compaction:
+    a prefix sum gives every selected entry its slot and every other entry its slot after them,
+    one scatter writes the positions there. Linear in n, no sort.
     """
-    return torch.ops.bsa_masks.selected_first(x.detach())
+    selected = (x.detach() != 0).contiguous()
+    upto = torch.ops.bsa_masks.selected_upto(selected)  # [..., n]: selected entries up to each
+    count = upto[..., -1].contiguous()  # a list of its own, as Flex's num_blocks are
+    position = torch.arange(x.shape[-1], device=x.device, dtype=torch.int32)
+    slot = torch.where(selected, upto - 1, count[..., None] + position - upto)
+    order = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    return count, order.scatter_(-1, slot.long(), position.expand(x.shape))
 
 
 def stable_ranks(x: torch.Tensor) -> torch.Tensor:
