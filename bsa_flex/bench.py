@@ -330,20 +330,24 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
 
 def graphed_fwd_bwd(forward: Callable, q, k, v, grad_out) -> dict:
     """fwd (no grad) and fwd+bwd ms of ``forward`` compiled with mode="reduce-overhead" (CUDA
-    graphs), and how many graphs Inductor declined to capture (each is a launch-bound fallback)."""
+    graphs), and how many graphs Inductor declined to capture (each is a launch-bound fallback).
+
+    The gradients are returned, not accumulated into ``.grad``: a replayed backward's output
+    installed as a leaf's ``.grad`` is overwritten by the next replay, and adding to it then
+    fails (pytorch/pytorch#169545; seen here at 153,600 tokens, torch 2.11)."""
     from torch._dynamo.utils import counters
     graphed = torch.compile(forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
     skips = counters["inductor"]["cudagraph_skips"]
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()
-        graphed(q, k, v).backward(grad_out)
+        torch.autograd.grad(graphed(q, k, v), (q, k, v), grad_out)
 
     def infer():
         torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             graphed(q, k, v)
-    result = {"fwd": median_ms(infer, q.device), "fwd_bwd": median_ms(step, q.device, grad_to_none=[q, k, v])}
+    result = {"fwd": median_ms(infer, q.device), "fwd_bwd": median_ms(step, q.device)}
     result["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     return result
 
@@ -359,8 +363,11 @@ def cuda_graph_record(setup: Setup, video_shape, config: BSAConfig, row: dict) -
     def sdpa(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v)
-    record = {"bsa": graphed_fwd_bwd(lambda q, k, v: attention(q, k, v, video_shape, config), q, k, v, grad_out),
-              "sdpa": graphed_fwd_bwd(sdpa, q, k, v, grad_out)}
+    try:
+        record = {"bsa": graphed_fwd_bwd(lambda q, k, v: attention(q, k, v, video_shape, config), q, k, v, grad_out),
+                  "sdpa": graphed_fwd_bwd(sdpa, q, k, v, grad_out)}
+    except RuntimeError as error:  # the row's other records stand; this one says why it is missing
+        return {"error": str(error).splitlines()[0][:300]}
     best_sdpa_fwd_bwd = min(record["sdpa"]["fwd_bwd"], row["sdpa"]["fwd_bwd"])
     record["speedup_vs_sdpa_fwd_bwd"] = best_sdpa_fwd_bwd / record["bsa"]["fwd_bwd"]
     record["speedup_vs_sdpa_fwd"] = min(record["sdpa"]["fwd"], row["sdpa"]["fwd"]) / record["bsa"]["fwd"]
@@ -449,6 +456,9 @@ def cuda_graph_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         g = r.get("cuda_graphs")
         if g is None:
+            continue
+        if "error" in g:
+            lines.append(f"- CUDA graphs, {r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}: failed: {g['error']}")
             continue
         b, s = g["bsa"], g["sdpa"]
         lines.append(f"- CUDA graphs (a caller's mode=\"reduce-overhead\"), {r['tokens']:,} tokens, {r['geometry']}, "

@@ -57,3 +57,17 @@ def test_frontier_part_runs_the_wan_shapes_at_every_frontier_sparsity_and_geomet
         (shape, target, geometry) for shape, _ in bench.WAN_CASES for target in bench.FRONTIER_SPARSITIES
         for geometry in ("keep 1.0", "keep 0.5")}
     assert len(cases) == 12 and not any(breakdown for *_, breakdown in cases)
+
+
+def test_the_cuda_graph_lines_report_each_record_or_why_it_is_missing():
+    graphed = {"bsa": {"fwd": 1.0, "fwd_bwd": 3.0, "cudagraph_skips": 0},
+               "sdpa": {"fwd": 5.0, "fwd_bwd": 21.0, "cudagraph_skips": 1},
+               "speedup_vs_sdpa_fwd": 5.0, "speedup_vs_sdpa_fwd_bwd": 7.0,
+               "outside_kernel_fwd": 0.5, "outside_kernel_fwd_bwd": 0.4}
+    rows = [{"tokens": 23296, "geometry": "keep 0.5", "kernel": "flash", "cuda_graphs": graphed},
+            {"tokens": 153600, "geometry": "keep 1.0", "kernel": "flash", "cuda_graphs": {"error": "overwritten"}},
+            {"tokens": 2048, "geometry": "keep 0.5", "kernel": "triton"}]
+    ok, failed, blank = bench.cuda_graph_lines(rows)
+    assert "23,296" in ok and "fwd+bwd 3.00 ms" in ok and "7.00x" in ok and "1 SDPA" in ok
+    assert "153,600" in failed and "failed: overwritten" in failed
+    assert blank == ""
