@@ -70,8 +70,9 @@ def test_sweep_pruning_retains_less_mass_and_errs_more():
     assert sparse["retained_mass"] < dense["retained_mass"] and sparse["rel_l2"] > dense["rel_l2"]
 
 
-def test_clips_are_deterministic_per_seed_and_differ_across_seeds():
-    a, b, c = (train.make_clips([s], 4, 16, 16, 4, "cpu") for s in (1, 1, 2))
+@pytest.mark.parametrize("scene", ["textured", "plain"])
+def test_clips_are_deterministic_per_seed_and_differ_across_seeds(scene):
+    a, b, c = (train.make_clips([s], 4, 16, 16, 4, "cpu", scene=scene) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert a.shape == (1, 4, 4, 16, 16) and abs(float(a.std()) - 1.0) < 0.1
 
@@ -177,7 +178,7 @@ def test_the_fine_tune_frontier_runs_end_to_end_on_cpu_and_writes_its_rows(tmp_p
     with the issue's fields, its seeds, a gap measured against the dense arm, and the scratch rows."""
     frontier = _load("finetune_frontier")
     out, results = tmp_path / "run", tmp_path / "results"
-    frontier.main(["pretrain", "--tiny", "--out", str(out)])
+    frontier.main(["pretrain", "--tiny", "--scene", "plain", "--out", str(out)])
     for seed in ("0", "1"):
         frontier.main(["finetune", "--tiny", "--out", str(out), "--seed", seed, "--arms", "dense,bsa_0.93"])
     frontier.main(["summarize", "--out", str(out), "--results", str(results),
@@ -189,6 +190,8 @@ def test_the_fine_tune_frontier_runs_end_to_end_on_cpu_and_writes_its_rows(tmp_p
                             "dense_val_loss_mean", "dense_val_loss_std", "gap", "speedup_23296", "speedup_153600"}
     assert fine[0]["gap"] == pytest.approx(fine[0]["val_loss_mean"] / fine[0]["dense_val_loss_mean"] - 1)
     assert {r["regime"] for r in rows} == {"fine-tune", "scratch"}
+    arms = json.loads((out / "arms_seed1.json").read_text())
+    assert arms["setting"]["scene"] == "plain"  # the arms continue on the checkpoint's data
 
 
 def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():

@@ -35,8 +35,8 @@ from bsa_flex.extras import environment, pyplot_or_none
 from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import (VideoDiT, make_clips, plot_samples, sample, step_noise, train_step,  # noqa: E402
-                       validation_loss)
+from video_dit import (SCENES, VideoDiT, make_clips, plot_samples, sample, step_noise,  # noqa: E402
+                       train_step, validation_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Setting:
     pretrain_lr: float = 1e-3
     finetune_steps: int = 300
     finetune_lr: float = 2e-4
+    scene: str = "textured"  # video_dit.SCENES
 
     @property
     def tokens(self) -> int:
@@ -108,14 +109,14 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
         if schedule is not None:
             schedule.apply(model.attention_layers, step)
         clean = make_clips([seed * 1_000_000 + step * setting.batch + i for i in range(setting.batch)],
-                           *setting.latent, setting.channels, device)
+                           *setting.latent, setting.channels, device, scene=setting.scene)
         noise, t = step_noise(step, clean.shape, device, salt=seed)
         losses.append(float(train_step(model, optimiser, clean, noise, t, dtype)))
     return losses
 
 
 def validation_clips(setting: Setting, device) -> torch.Tensor:
-    return make_clips([900_000 + i for i in range(4)], *setting.latent, setting.channels, device)
+    return make_clips([900_000 + i for i in range(4)], *setting.latent, setting.channels, device, scene=setting.scene)
 
 
 def sparsity_of(model, clips, dtype) -> float:
@@ -158,6 +159,14 @@ def calibrate(model, arm: Arm, clips, dtype, steps: int = 12) -> tuple[float, fl
 
 
 # ----------------------------------------------------------------------------- commands
+
+def checkpoint_setting(out: str) -> Setting:
+    """The setting the checkpoint under ``out`` was pre-trained in (its pretrain.json), so that the
+    arms continue on the same data."""
+    with open(os.path.join(out, "pretrain.json")) as f:
+        fields = json.load(f)["setting"]
+    return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
 
 def pretrain(setting: Setting, out: str, device) -> dict:
     """Dense training from scratch; writes dense.pt, pretrain.json and the checkpoint's samples."""
@@ -384,6 +393,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
+    parser.add_argument("--scene", choices=sorted(SCENES), default=None,
+                        help="pretrain: what the clips show (default: the setting's); finetune takes the checkpoint's")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pretrain: steps (default: the setting's)")
     parser.add_argument("--bench", default="benchmarks/results/bench-frontier.json",
                         help="summarize: bench JSONs (comma-separated, the first preferred) of `python -m "
                              "bsa_flex.bench --part frontier` or --part wan")
@@ -392,6 +404,11 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default="benchmarks/results", help="summarize: where the frontier goes")
     args = parser.parse_args(argv)
     setting = SETTINGS["tiny" if args.tiny else "gpu"]
+    if args.command == "pretrain":
+        setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
+                                      pretrain_steps=args.pretrain_steps or setting.pretrain_steps)
+    elif args.command == "finetune":
+        setting = checkpoint_setting(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     arms = ARMS if args.arms is None else [a for a in ARMS if a.name in args.arms.split(",")]
     if args.arms is not None and len(arms) != len(args.arms.split(",")):
