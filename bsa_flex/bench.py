@@ -434,40 +434,41 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _record_lines(rows: list[dict], key: str, line: Callable[[dict, dict], str]) -> list[str]:
+    """``line(row, record)`` for every row holding the record ``key``, then a blank line (none without any)."""
+    lines = [line(r, r[key]) for r in rows if r.get(key) is not None]
+    return lines + [""] if lines else []
+
+
 def tile_order_lines(rows: list[dict]) -> list[str]:
     """One line per row timed in the tile order as well: its fwd+bwd, speed-up, outside share, peaks."""
-    lines = []
-    for r in rows:
-        t = r.get("tile_order")
-        if t is None:
-            continue
-        b, outside = t["bsa"], t.get("outside_kernel_fwd_bwd")
-        lines.append(f"- tile order, {r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}: fwd "
-                     f"{b['fwd']:.2f} ms, fwd+bwd {b['fwd_bwd'] or float('nan'):.2f} ms "
-                     f"({t.get('speedup_vs_sdpa_fwd_bwd', float('nan')):.2f}x vs SDPA), outside kernel "
-                     f"{'-' if outside is None else f'{outside:.0%}'}, peak GiB {b['peak_gib'] or float('nan'):.2f}"
-                     f" (in a layer {t['layer_peak_gib'] or float('nan'):.2f})")
-    return lines + [""] if lines else []
+    return _record_lines(rows, "tile_order", _tile_order_line)
+
+
+def _tile_order_line(r: dict, t: dict) -> str:
+    b, outside = t["bsa"], t.get("outside_kernel_fwd_bwd")
+    return (f"- tile order, {r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}: fwd "
+            f"{b['fwd']:.2f} ms, fwd+bwd {b['fwd_bwd'] or float('nan'):.2f} ms "
+            f"({t.get('speedup_vs_sdpa_fwd_bwd', float('nan')):.2f}x vs SDPA), outside kernel "
+            f"{'-' if outside is None else f'{outside:.0%}'}, peak GiB {b['peak_gib'] or float('nan'):.2f}"
+            f" (in a layer {t['layer_peak_gib'] or float('nan'):.2f})")
 
 
 def cuda_graph_lines(rows: list[dict]) -> list[str]:
     """One line per row timed under CUDA graphs as well: fwd / fwd+bwd, speed-ups, outside shares, skips."""
-    lines = []
-    for r in rows:
-        g = r.get("cuda_graphs")
-        if g is None:
-            continue
-        if "error" in g:
-            lines.append(f"- CUDA graphs, {r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}: failed: {g['error']}")
-            continue
-        b, s = g["bsa"], g["sdpa"]
-        lines.append(f"- CUDA graphs (a caller's mode=\"reduce-overhead\"), {r['tokens']:,} tokens, {r['geometry']}, "
-                     f"{r['kernel']}: BSA fwd {b['fwd']:.2f} ms / fwd+bwd {b['fwd_bwd']:.2f} ms "
-                     f"({g['speedup_vs_sdpa_fwd']:.2f}x / {g['speedup_vs_sdpa_fwd_bwd']:.2f}x vs the faster of "
-                     f"graphed SDPA {s['fwd']:.2f} / {s['fwd_bwd']:.2f} ms and plain SDPA), outside kernel "
-                     f"{g['outside_kernel_fwd']:.0%} / {g['outside_kernel_fwd_bwd']:.0%}, graphs not captured: "
-                     f"{b['cudagraph_skips']} BSA, {s['cudagraph_skips']} SDPA")
-    return lines + [""] if lines else []
+    return _record_lines(rows, "cuda_graphs", _cuda_graph_line)
+
+
+def _cuda_graph_line(r: dict, g: dict) -> str:
+    where = f"{r['tokens']:,} tokens, {r['geometry']}, {r['kernel']}"
+    if "error" in g:
+        return f"- CUDA graphs, {where}: failed: {g['error']}"
+    b, s = g["bsa"], g["sdpa"]
+    return (f"- CUDA graphs (a caller's mode=\"reduce-overhead\"), {where}: BSA fwd {b['fwd']:.2f} ms / fwd+bwd "
+            f"{b['fwd_bwd']:.2f} ms ({g['speedup_vs_sdpa_fwd']:.2f}x / {g['speedup_vs_sdpa_fwd_bwd']:.2f}x vs the "
+            f"faster of graphed SDPA {s['fwd']:.2f} / {s['fwd_bwd']:.2f} ms and plain SDPA), outside kernel "
+            f"{g['outside_kernel_fwd']:.0%} / {g['outside_kernel_fwd_bwd']:.0%}, graphs not captured: "
+            f"{b['cudagraph_skips']} BSA, {s['cudagraph_skips']} SDPA")
 
 
 def _sweep_rows(rows: list[dict], target: float, kernel: str) -> list[dict]:
