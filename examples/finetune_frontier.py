@@ -2,6 +2,7 @@
 space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
 
     python examples/finetune_frontier.py pretrain --out OUT            # dense from scratch, checkpoint
+    python examples/finetune_frontier.py pretrain --out OUT --scene plain --pretrain-steps 10000  # easier data
     python examples/finetune_frontier.py finetune --out OUT --seed 0   # every arm from the checkpoint
     python examples/finetune_frontier.py finetune --out OUT --seed 1 & ... # seeds in parallel (one GPU is enough)
     python examples/finetune_frontier.py summarize --out OUT [--bench benchmarks/results/bench-frontier.json]
