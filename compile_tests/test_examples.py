@@ -199,3 +199,11 @@ def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():
     for arm in frontier.ARMS:
         model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu", arm.fill)
         assert {layer.sparsity.bsa.fill for layer in model.attention_layers} == {arm.fill}
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_fine_tune_frontier_refuses_a_pretraining_of_no_steps_naming_the_flag(steps, tmp_path, capsys):
+    frontier = _load("finetune_frontier")
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main(["pretrain", "--tiny", "--pretrain-steps", steps, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--pretrain-steps" in capsys.readouterr().err

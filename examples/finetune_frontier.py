@@ -404,6 +404,8 @@ def main(argv=None) -> None:
                         help="summarize: folder of the from-scratch runs")
     parser.add_argument("--results", default="benchmarks/results", help="summarize: where the frontier goes")
     args = parser.parse_args(argv)
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        parser.error(f"--pretrain-steps must be at least 1, got {args.pretrain_steps}")
     setting = SETTINGS["tiny" if args.tiny else "gpu"]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,

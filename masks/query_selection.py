@@ -160,7 +160,7 @@ def _keep_order_score(cosines: torch.Tensor, layout: TileLayout) -> torch.Tensor
     w = layout.window_tokens
     similarity = cosines.gather(3, anchor[:, None, None].expand(*cosines.shape[:3], 1, w)).squeeze(3)
     local = torch.arange(w, device=anchor.device)
-    valid = layout.slot_valid[: layout.num_video_slots].view(-1, layout.window_tokens)
+    valid = layout.slot_valid[: layout.num_video_slots].view(-1, w)
     score = similarity.masked_fill(~valid, float("inf"))
     return score.masked_fill(local == anchor[:, None], float("-inf"))
 
