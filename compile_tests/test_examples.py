@@ -1,5 +1,6 @@
 """The runnable examples: the DiT training script's CPU smoke run and its measurement helpers,
 and the Ulysses example on two CPU processes."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -207,3 +208,12 @@ def test_fine_tune_frontier_refuses_a_pretraining_of_no_steps_naming_the_flag(st
     with pytest.raises(SystemExit) as exit_info:
         frontier.main(["pretrain", "--tiny", "--pretrain-steps", steps, "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "--pretrain-steps" in capsys.readouterr().err
+
+
+def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_constant_rate(tmp_path):
+    frontier = _load("finetune_frontier")
+    fields = dataclasses.asdict(frontier.SETTINGS["tiny"])
+    del fields["pretrain_lr_final"]
+    (tmp_path / "pretrain.json").write_text(json.dumps({"setting": fields}))
+    assert frontier.checkpoint_setting(str(tmp_path)).pretrain_lr_final is None
+    assert frontier.SETTINGS["gpu"].pretrain_lr_final == frontier.SETTINGS["gpu"].finetune_lr
