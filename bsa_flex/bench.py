@@ -116,15 +116,23 @@ def profile_table(fn: Callable, device: torch.device, path: str) -> None:
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
 
 
-def peak_gib(fn: Callable, device: torch.device) -> float | None:
-    """Peak allocated GPU memory during fn, inputs included (None on CPU)."""
+def peak_gib(fn: Callable, device: torch.device, inputs=()) -> float | None:
+    """Peak GPU memory of one call of fn: its ``inputs`` plus what fn allocates at its peak, not
+    counting anything else the process holds (another row's inputs); None on CPU."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**30
+    return step_peak_gib(torch.cuda.max_memory_allocated(), before, sum(t.nbytes for t in inputs))
+
+
+def step_peak_gib(max_allocated: int, allocated_before: int, input_bytes: int) -> float:
+    """GiB of one step's peak from the allocator's bytes: its inputs' bytes plus its rise above what
+    was allocated before it."""
+    return (input_bytes + max_allocated - allocated_before) / 2**30
 
 
 def layer_peak_gib(attend: Callable, heads: int, head_dim: int, video_shape, dtype, device) -> float | None:
@@ -149,14 +157,15 @@ def layer_peak_gib(attend: Callable, heads: int, head_dim: int, video_shape, dty
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return step_peak_gib(torch.cuda.max_memory_allocated(), base, 0)
 
 
 def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device, *, leaves=(), host: bool = False) -> dict:
     """{"fwd", "fwd_bwd": ms (None without grad_out), "peak_gib": fwd+bwd peak or None}; with ``host``
     also "host_fwd", "host_fwd_bwd": host ms to enqueue (None on CPU). ``leaves``: the inputs
     that require grad; their ``.grad`` is reset before each timed backward and before the peak
-    is measured (the peak of one step: inputs, its working memory and its new gradients)."""
+    is measured (the peak of one step: the leaves and grad_out, its working memory and its new
+    gradients, whatever else the process holds)."""
     result = {"fwd": median_ms(forward, device), "fwd_bwd": None, "peak_gib": None}
     if host:
         result.update(host_fwd=host_ms(forward, device), host_fwd_bwd=None)
@@ -165,7 +174,7 @@ def fwd_and_fwd_bwd(forward: Callable, grad_out: torch.Tensor | None, device, *,
         result["fwd_bwd"] = median_ms(step, device, grad_to_none=list(leaves))
         for leaf in leaves:
             leaf.grad = None
-        result["peak_gib"] = peak_gib(step, device)
+        result["peak_gib"] = peak_gib(step, device, inputs=(*leaves, grad_out))
         if host:
             result["host_fwd_bwd"] = host_ms(step, device)
     return result

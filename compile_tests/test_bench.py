@@ -71,3 +71,10 @@ def test_the_cuda_graph_lines_report_each_record_or_why_it_is_missing():
     assert "23,296" in ok and "fwd+bwd 3.00 ms" in ok and "7.00x" in ok and "1 SDPA" in ok
     assert "153,600" in failed and "failed: overwritten" in failed
     assert blank == ""
+
+
+def test_a_steps_peak_counts_its_inputs_and_its_rise_but_not_memory_held_before_it():
+    gib = 2**30
+    held_elsewhere, inputs, rise = 3 * gib, 2 * gib, gib // 2
+    assert bench.step_peak_gib(held_elsewhere + inputs + rise, held_elsewhere + inputs, inputs) == 2.5
+    assert bench.step_peak_gib(5 * gib, 5 * gib, 0) == 0.0
