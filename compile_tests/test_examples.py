@@ -71,6 +71,15 @@ def test_sweep_pruning_retains_less_mass_and_errs_more():
     assert sparse["retained_mass"] < dense["retained_mass"] and sparse["rel_l2"] > dense["rel_l2"]
 
 
+def test_sweep_kv_oracle_mass_bounds_the_selected_mass_and_is_all_of_it_when_keeping_everything():
+    model, clips = _small_model()
+    (dense,), (sparse,) = (train.training_free_sweep(model, clips, 16, torch.float32, keeps=(keep,),
+                                                     thresholds=(p,)) for keep, p in ((1.0, 1.0), (0.5, 0.3)))
+    assert dense["kv_mass_selected"] == pytest.approx(1.0, abs=1e-5)
+    assert dense["kv_mass_oracle"] == pytest.approx(1.0, abs=1e-5)
+    assert sparse["kv_mass_selected"] <= sparse["kv_mass_oracle"] + 1e-6 < 1.0
+
+
 @pytest.mark.parametrize("scene", ["textured", "plain"])
 def test_clips_are_deterministic_per_seed_and_differ_across_seeds(scene):
     a, b, c = (train.make_clips([s], 4, 16, 16, 4, "cpu", scene=scene) for s in (1, 1, 2))

@@ -249,6 +249,31 @@ def retained_mass(q, k, selection, layout, scale: float) -> float:
 
 
 @torch.no_grad()
+def kv_block_mass_vs_oracle(q, k, selection, layout, scale: float) -> tuple[float, float]:
+    """(selected, oracle): mean over kept queries of the full-attention mass on the KV blocks their query
+    block selected, and on the same number of KV blocks with the most mass (the best any KV rule could do
+    with that budget). q, k: [B, H, S, D] raster."""
+    kv_block = (layout.token_slot // layout.block_size).expand(q.shape[0], 1, 1, -1)
+    nkv, bs = selection.kv_blocks.shape[-1], layout.block_size
+    selected = oracle = count = 0.0
+    for h in range(q.shape[1]):
+        head = type(selection)(*(x[:, h:h + 1] for x in selection))
+        rows = q[:, h:h + 1].float().gather(2, head.kept_token[..., None].expand(-1, -1, -1, q.shape[-1]))
+        probs = torch.softmax(rows @ k[:, h:h + 1].float().transpose(-1, -2) * scale, -1)  # [B, 1, Nq, S]
+        mass = probs.new_zeros(*probs.shape[:3], nkv).scatter_add_(3, kv_block.expand_as(probs), probs)
+        valid = head.kept_valid.float()
+        per_block = rearrange(mass * valid[..., None], "b h (n r) j -> b h n r j", r=bs).sum(3)  # [B,1,nq,nkv]
+        rows_per_block = rearrange(valid, "b h (n r) -> b h n r", r=bs).sum(3)
+        chosen = head.kv_blocks.float()
+        best = per_block.sort(-1, descending=True).values.cumsum(-1)
+        budget = chosen.sum(-1, keepdim=True).long().clamp_min(1) - 1
+        selected += float((per_block * chosen).sum())
+        oracle += float(best.gather(-1, budget).sum())
+        count += float(rows_per_block.sum())
+    return selected / count, oracle / count
+
+
+@torch.no_grad()
 def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, dtype, keeps=(1.0, 0.75, 0.5),
                         thresholds=(0.8, 0.9, 0.95)) -> list[dict]:
     """BSA on q/k/v of the trained full model, per layer: output error vs full attention and retained mass."""
@@ -264,6 +289,8 @@ def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, d
                              "sparsity": float(stats.sparsity),
                              "rel_l2": float((out - full).norm() / full.norm()),
                              "retained_mass": retained_mass(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)})
+                selected, oracle = kv_block_mass_vs_oracle(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)
+                rows[-1].update(kv_mass_selected=selected, kv_mass_oracle=oracle)
     return rows
 
 
