@@ -232,45 +232,44 @@ def captured_qkv(model: VideoDiT, clips: torch.Tensor, t_value: float, dtype) ->
     return captured
 
 
+def _retained_mass_sum(probs, head, layout) -> float:
+    """Sum over tokens of the full-attention probability [B, 1, S, S] on the keys its output was computed from."""
+    mask = token_mask(head, layout)  # [B, 1, S, S] rows of kept queries
+    source = head.kept_token.gather(2, head.fill_source)  # token whose keys each token's output used
+    used = mask.gather(2, source[..., None].expand(-1, -1, -1, mask.shape[-1]))
+    return float((probs * used).sum())
+
+
+def _kv_block_mass_sums(probs, head, layout) -> tuple[float, float]:
+    """Sums over kept queries of the full-attention mass on the KV blocks their query block selected, and on
+    the same number of KV blocks with the most mass (the best any KV rule could do with that budget)."""
+    rows = probs.gather(2, head.kept_token[..., None].expand(-1, -1, -1, probs.shape[-1]))  # [B, 1, Nq, S]
+    kv_block = (layout.token_slot // layout.block_size).expand_as(rows)
+    mass = rows.new_zeros(*rows.shape[:3], head.kv_blocks.shape[-1]).scatter_add_(3, kv_block, rows)
+    mass = mass * head.kept_valid[..., None]
+    per_block = rearrange(mass, "b h (n r) j -> b h n r j", r=layout.block_size).sum(3)  # [B, 1, nq, nkv]
+    chosen = head.kv_blocks
+    best = F.pad(per_block.sort(-1, descending=True).values.cumsum(-1), (1, 0))  # best[..., m]: top m blocks
+    return float((per_block * chosen).sum()), float(best.gather(-1, chosen.sum(-1, keepdim=True)).sum())
+
+
 @torch.no_grad()
-def retained_mass(q, k, selection, layout, scale: float) -> float:
-    """Mean over tokens of the full-attention probability on the keys its output was computed from."""
-    total, count = 0.0, 0
+def attention_mass(q, k, selection, layout, scale: float) -> dict[str, float]:
+    """Full attention's mass that BSA's selection kept, one softmax per head: q, k [B, H, S, D] raster.
+
+    retained_mass: mean over tokens, on the keys each token's output was computed from (after the fill);
+    kv_mass_selected / kv_mass_oracle: mean over kept queries, on their query block's KV blocks, and on
+    as many KV blocks chosen with hindsight (the most massive)."""
+    retained = selected = oracle = 0.0
     for h in range(q.shape[1]):
         probs = torch.softmax(q[:, h:h + 1].float() @ k[:, h:h + 1].float().transpose(-1, -2) * scale, -1)
         head = type(selection)(*(x[:, h:h + 1] for x in selection))
-        mask = token_mask(head, layout)  # [B, 1, S, S] rows of kept queries
-        source = head.kept_token.gather(2, head.fill_source)  # token whose keys each token's output used
-        used = mask.gather(2, source[..., None].expand(-1, -1, -1, mask.shape[-1]))
-        total += float((probs * used).sum())
-        count += probs.shape[0] * probs.shape[2]
-        del probs, mask, used
-    return total / count
-
-
-@torch.no_grad()
-def kv_block_mass_vs_oracle(q, k, selection, layout, scale: float) -> tuple[float, float]:
-    """(selected, oracle): mean over kept queries of the full-attention mass on the KV blocks their query
-    block selected, and on the same number of KV blocks with the most mass (the best any KV rule could do
-    with that budget). q, k: [B, H, S, D] raster."""
-    kv_block = (layout.token_slot // layout.block_size).expand(q.shape[0], 1, 1, -1)
-    nkv, bs = selection.kv_blocks.shape[-1], layout.block_size
-    selected = oracle = count = 0.0
-    for h in range(q.shape[1]):
-        head = type(selection)(*(x[:, h:h + 1] for x in selection))
-        rows = q[:, h:h + 1].float().gather(2, head.kept_token[..., None].expand(-1, -1, -1, q.shape[-1]))
-        probs = torch.softmax(rows @ k[:, h:h + 1].float().transpose(-1, -2) * scale, -1)  # [B, 1, Nq, S]
-        mass = probs.new_zeros(*probs.shape[:3], nkv).scatter_add_(3, kv_block.expand_as(probs), probs)
-        valid = head.kept_valid.float()
-        per_block = rearrange(mass * valid[..., None], "b h (n r) j -> b h n r j", r=bs).sum(3)  # [B,1,nq,nkv]
-        rows_per_block = rearrange(valid, "b h (n r) -> b h n r", r=bs).sum(3)
-        chosen = head.kv_blocks.float()
-        best = per_block.sort(-1, descending=True).values.cumsum(-1)
-        budget = chosen.sum(-1, keepdim=True).long().clamp_min(1) - 1
-        selected += float((per_block * chosen).sum())
-        oracle += float(best.gather(-1, budget).sum())
-        count += float(rows_per_block.sum())
-    return selected / count, oracle / count
+        retained += _retained_mass_sum(probs, head, layout)
+        head_selected, head_oracle = _kv_block_mass_sums(probs, head, layout)
+        selected, oracle = selected + head_selected, oracle + head_oracle
+        del probs
+    tokens, kept = q.shape[0] * q.shape[1] * q.shape[2], float(selection.kept_valid.sum())
+    return {"retained_mass": retained / tokens, "kv_mass_selected": selected / kept, "kv_mass_oracle": oracle / kept}
 
 
 @torch.no_grad()
@@ -288,9 +287,7 @@ def training_free_sweep(model: VideoDiT, clips: torch.Tensor, block_size: int, d
                 rows.append({"layer": layer, "keep": keep, "threshold": threshold,
                              "sparsity": float(stats.sparsity),
                              "rel_l2": float((out - full).norm() / full.norm()),
-                             "retained_mass": retained_mass(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)})
-                selected, oracle = kv_block_mass_vs_oracle(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)
-                rows[-1].update(kv_mass_selected=selected, kv_mass_oracle=oracle)
+                             **attention_mass(q, k, stats.selection, stats.layout, q.shape[-1] ** -0.5)})
     return rows
 
 
