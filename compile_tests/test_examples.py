@@ -22,6 +22,7 @@ def _load(name):
 
 
 train = _load("train_video_dit")
+dit = sys.modules["video_dit"]  # the pieces the training script imports
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,30 @@ def test_sweep_kv_oracle_mass_bounds_the_selected_mass_and_is_all_of_it_when_kee
     assert sparse["kv_mass_selected"] <= sparse["kv_mass_oracle"] + 1e-6 < 1.0
 
 
-@pytest.mark.parametrize("scene", ["textured", "plain"])
+def _layout_4x8x8():
+    from masks import tile_layout
+    return tile_layout((4, 8, 8), (4, 4, 4), (2, 2, 2), 16, torch.device("cpu"))  # 256 tokens, 16 KV blocks
+
+
+def test_top_kv_block_mass_of_uniform_attention_is_the_fraction_of_blocks_kept():
+    q = torch.zeros(1, 2, 256, 8)
+    mass = dit.top_kv_block_mass(q, torch.randn(1, 2, 256, 8), _layout_4x8x8(), 0.1, 1.0)
+    assert mass == pytest.approx(2 / 16, abs=1e-6)  # ceil(0.1 * 16) = 2 of 16 equal blocks
+
+
+def test_top_kv_block_mass_is_all_of_it_when_every_token_attends_to_itself():
+    q = torch.randn(1, 2, 256, 64, generator=torch.Generator().manual_seed(0)) * 4
+    assert dit.top_kv_block_mass(q, q, _layout_4x8x8(), 0.1, 1.0) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_concentration_reports_every_layer_and_flow_time_within_the_unit_interval():
+    model, clips = _small_model()
+    rows = dit.concentration(model, clips, 16, torch.float32, times=(0.2, 0.9))
+    assert [(r["layer"], r["flow_time"]) for r in rows] == [(0, 0.2), (0, 0.9)]
+    assert all(2 / 16 - 1e-6 <= r["top_kv_block_mass"] <= 1 + 1e-6 for r in rows)
+
+
+@pytest.mark.parametrize("scene", ["textured", "plain", "sprites", "sprites_striped"])
 def test_clips_are_deterministic_per_seed_and_differ_across_seeds(scene):
     a, b, c = (train.make_clips([s], 4, 16, 16, 4, "cpu", scene=scene) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.allclose(a, c)
@@ -202,6 +226,16 @@ def test_the_fine_tune_frontier_runs_end_to_end_on_cpu_and_writes_its_rows(tmp_p
     assert {r["regime"] for r in rows} == {"fine-tune", "scratch"}
     arms = json.loads((out / "arms_seed1.json").read_text())
     assert arms["setting"]["scene"] == "plain"  # the arms continue on the checkpoint's data
+
+
+def test_checkpoint_concentration_is_recorded_at_pretraining_and_measured_again_the_same(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--scene", "sprites", "--out", str(tmp_path)])
+    recorded = json.loads((tmp_path / "pretrain.json").read_text())["concentration"]
+    frontier.main(["concentration", "--tiny", "--out", str(tmp_path)])
+    again = json.loads((tmp_path / "concentration.json").read_text())
+    assert again["mean"] == pytest.approx(recorded["mean"], rel=1e-5)
+    assert len(recorded["rows"]) == 2 * 3  # the tiny setting's layers x three flow times
 
 
 def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():

@@ -6,6 +6,7 @@ space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
     python examples/finetune_frontier.py finetune --out OUT --seed 0   # every arm from the checkpoint
     python examples/finetune_frontier.py finetune --out OUT --seed 1 & ... # seeds in parallel (one GPU is enough)
     python examples/finetune_frontier.py summarize --out OUT [--bench benchmarks/results/bench-frontier.json]
+    python examples/finetune_frontier.py concentration --out OUT       # how block-sparse the checkpoint's attention is
     python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
 
 The regime of the paper (secondary sources): a dense model trained first, then every arm continues
@@ -36,8 +37,8 @@ from bsa_flex.extras import environment, pyplot_or_none
 from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import (SCENES, VideoDiT, make_clips, plot_samples, sample, step_noise,  # noqa: E402
-                       train_step, validation_loss)
+from video_dit import (SCENES, VideoDiT, concentration, make_clips, plot_samples, sample,  # noqa: E402
+                       step_noise, train_step, validation_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +194,30 @@ def pretrain(setting: Setting, out: str, device) -> dict:
     clips = validation_clips(setting, device)
     record = {"setting": dataclasses.asdict(setting), "environment": environment(device),
               "wall_s": time.perf_counter() - start, "train_loss": losses[::10],
-              "val_loss": validation_loss(model, clips, dtype)}
+              "val_loss": validation_loss(model, clips, dtype),
+              "concentration": concentration_record(model, setting, clips, dtype)}
     torch.save(model.state_dict(), os.path.join(out, "dense.pt"))
     save_samples(model, clips, dtype, os.path.join(out, "samples_pretrained.pt"), "pretrained")
     with open(os.path.join(out, "pretrain.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def concentration_record(model, setting: Setting, clips, dtype) -> dict:
+    """The dense model's attention mass on its best 10% of KV blocks per query block: per layer and flow time,
+    and the mean (the paper's models concentrate most of it there; a diffuse model cannot train sparse)."""
+    rows = concentration(model, clips, setting.block_size, dtype)
+    return {"rows": rows, "mean": statistics.fmean(r["top_kv_block_mass"] for r in rows)}
+
+
+def measure_concentration(out: str, device) -> dict:
+    """concentration.json for the checkpoint under ``out`` (also part of pretrain.json for new checkpoints)."""
+    setting = checkpoint_setting(out)
+    model = build_model(setting, device)
+    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    record = concentration_record(model, setting, validation_clips(setting, device), dtype)
+    with open(os.path.join(out, "concentration.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
 
@@ -405,7 +426,7 @@ def samples_grid(out: str, rows: list[dict], results: str) -> str | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["pretrain", "finetune", "summarize"])
+    parser.add_argument("command", choices=["pretrain", "finetune", "summarize", "concentration"])
     parser.add_argument("--out", required=True, help="folder of the checkpoint and the arms' records")
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
@@ -438,6 +459,12 @@ def main(argv=None) -> None:
         print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
     elif args.command == "finetune":
         finetune(setting, args.out, args.seed, device, arms, args.kernel)
+    elif args.command == "concentration":
+        record = measure_concentration(args.out, device)
+        for r in record["rows"]:
+            print(f"layer {r['layer']} t {r['flow_time']:.1f}: {r['top_kv_block_mass']:.3f} of the mass on the best "
+                  f"{r['fraction']:.0%} of KV blocks")
+        print(f"mean {record['mean']:.3f}")
     else:
         summarize(args.out, args.bench, args.scratch, args.results)
 

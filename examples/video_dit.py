@@ -16,7 +16,7 @@ from torch import nn
 import bsa_flex
 from bsa_flex import BSAConfig, BSAttention, rope_3d
 from bsa_flex.extras import pyplot_or_none
-from masks import token_mask
+from masks import tile_layout, token_mask
 
 # ----------------------------------------------------------------------------- data
 
@@ -38,6 +38,12 @@ SCENES = {
     "textured": Scene(waves=4, wave_frequency=6.0, background=0.5, shapes=3, radius=(0.15, 0.45), stripes=True),
     # a faint, slow background and two larger flat shapes: the shapes dominate what is learned
     "plain": Scene(waves=1, wave_frequency=1.0, background=0.2, shapes=2, radius=(0.3, 0.5), stripes=False),
+    # six small flat shapes on a fainter background: each token's context is its own shape's path through
+    # space-time, a few tiles, not the frame (the plain scene's large shapes made attention diffuse)
+    "sprites": Scene(waves=1, wave_frequency=1.0, background=0.1, shapes=6, radius=(0.1, 0.2), stripes=False),
+    # the same with striped shapes: fine detail that only nearby tokens can predict
+    "sprites_striped": Scene(waves=1, wave_frequency=1.0, background=0.1, shapes=6, radius=(0.1, 0.2),
+                             stripes=True),
 }
 
 
@@ -270,6 +276,38 @@ def attention_mass(q, k, selection, layout, scale: float) -> dict[str, float]:
         del probs
     tokens, kept = q.shape[0] * q.shape[1] * q.shape[2], float(selection.kept_valid.sum())
     return {"retained_mass": retained / tokens, "kv_mass_selected": selected / kept, "kv_mass_oracle": oracle / kept}
+
+
+@torch.no_grad()
+def top_kv_block_mass(q, k, layout, fraction: float, scale: float) -> float:
+    """Mean over tokens of full attention's mass on the ``fraction`` of KV blocks (at least one) with the most
+    mass for the token's query block: how block-sparse attention is, whatever the KV rule. q, k [B, H, S, D]
+    raster, video tokens only; blocks are BSA's (``layout``: tile-major slots cut into KV blocks)."""
+    block = layout.token_slot // layout.block_size  # [S] each token's query and KV block
+    top = max(1, math.ceil(fraction * layout.num_kv_blocks))
+    total = 0.0
+    for h in range(q.shape[1]):
+        probs = torch.softmax(q[:, h].float() @ k[:, h].float().transpose(-1, -2) * scale, -1)  # [B, S, S]
+        by_kv = probs.new_zeros(*probs.shape[:2], layout.num_kv_blocks).index_add_(2, block, probs)
+        by_blocks = by_kv.new_zeros(by_kv.shape[0], layout.num_kv_blocks, by_kv.shape[2]).index_add_(1, block, by_kv)
+        total += float(by_blocks.sort(-1, descending=True).values[..., :top].sum())
+        del probs, by_kv
+    return total / (q.shape[0] * q.shape[1] * q.shape[2])
+
+
+@torch.no_grad()
+def concentration(model: VideoDiT, clips: torch.Tensor, block_size: int, dtype, fraction: float = 0.1,
+                  times=(0.2, 0.5, 0.9)) -> list[dict]:
+    """Per layer and flow time: the attention mass on the best ``fraction`` of KV blocks (``top_kv_block_mass``)
+    of the dense model on noised ``clips``; near 1 where a sparse KV side can keep what matters."""
+    config = BSAConfig(block_size=block_size)
+    rows = []
+    for t in times:
+        for layer, (q, k, _, video_shape) in enumerate(captured_qkv(model, clips, t, dtype)):
+            layout = tile_layout(video_shape, config.tile, config.window, block_size, q.device)
+            rows.append({"layer": layer, "flow_time": t, "fraction": fraction,
+                         "top_kv_block_mass": top_kv_block_mass(q, k, layout, fraction, q.shape[-1] ** -0.5)})
+    return rows
 
 
 @torch.no_grad()
