@@ -245,12 +245,38 @@ def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():
         assert {layer.sparsity.bsa.fill for layer in model.attention_layers} == {arm.fill}
 
 
+@pytest.mark.parametrize("command, flag", [("pretrain", "--pretrain-steps"), ("finetune", "--finetune-steps")])
 @pytest.mark.parametrize("steps", ["0", "-5"])
-def test_fine_tune_frontier_refuses_a_pretraining_of_no_steps_naming_the_flag(steps, tmp_path, capsys):
+def test_fine_tune_frontier_refuses_a_run_of_no_steps_naming_the_flag(command, flag, steps, tmp_path, capsys):
     frontier = _load("finetune_frontier")
     with pytest.raises(SystemExit) as exit_info:
-        frontier.main(["pretrain", "--tiny", "--pretrain-steps", steps, "--out", str(tmp_path)])
-    assert exit_info.value.code == 2 and "--pretrain-steps" in capsys.readouterr().err
+        frontier.main([command, "--tiny", flag, steps, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_longer_fine_tune_is_a_run_of_its_own_compared_with_the_dense_arm_of_its_length(tmp_path):
+    frontier = _load("finetune_frontier")
+    out, results = tmp_path / "run", tmp_path / "results"
+    frontier.main(["pretrain", "--tiny", "--out", str(out)])
+    for extra in ([], ["--finetune-steps", "6"]):
+        frontier.main(["finetune", "--tiny", "--out", str(out), "--arms", "dense,kv_0.90", *extra])
+    summary = frontier.summarize(str(out), "", str(tmp_path / "no_scratch_runs"), str(results))
+    rows = {r["arm"]: r for r in summary["rows"]}
+    assert {name: r["finetune_steps"] for name, r in rows.items()} == {"kv_0.90": 4, "kv_0.90_6steps": 6}
+    dense = {r["finetune_steps"]: r["val_loss"] for r in summary["records"] if r["arm"]["keep"] is None}
+    assert sorted(dense) == [4, 6] and dense[4] != dense[6]
+    for r in rows.values():
+        assert r["dense_val_loss_mean"] == dense[r["finetune_steps"]]
+
+
+def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(tmp_path):
+    frontier = _load("finetune_frontier")
+    folder = ROOT / "benchmarks" / "results" / "frontier_2026-12-03_sprites"
+    recorded = {r["arm"]: r["gap"] for r in json.loads((folder / "quality_frontier.json").read_text())["rows"]
+                if r["regime"] == "fine-tune"}
+    summary = frontier.summarize(str(folder), "", str(tmp_path / "no_scratch_runs"), str(tmp_path))
+    assert {r["arm"]: r["gap"] for r in summary["rows"]} == pytest.approx(recorded)
+    assert {r["finetune_steps"] for r in summary["rows"]} == {300}
 
 
 def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_constant_rate(tmp_path):

@@ -5,6 +5,7 @@ space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
     python examples/finetune_frontier.py pretrain --out OUT --scene plain --pretrain-steps 10000  # easier data
     python examples/finetune_frontier.py finetune --out OUT --seed 0   # every arm from the checkpoint
     python examples/finetune_frontier.py finetune --out OUT --seed 1 & ... # seeds in parallel (one GPU is enough)
+    python examples/finetune_frontier.py finetune --out OUT --seed 0 --finetune-steps 1500 --arms dense,kv_0.90
     python examples/finetune_frontier.py summarize --out OUT [--bench benchmarks/results/bench-frontier.json]
     python examples/finetune_frontier.py concentration --out OUT       # how block-sparse the checkpoint's attention is
     python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
@@ -228,13 +229,19 @@ def save_samples(model, clips, dtype, path: str, name: str) -> None:
     torch.save({"data": clips[:1].cpu(), name: sample(model, noise, 20, dtype)[:1].cpu()}, path)
 
 
-def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str) -> dict:
-    """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record."""
+def run_label(arm: Arm, steps: int, checkpoint_steps: int) -> str:
+    """The arm's name, with its step count where it fine-tunes longer or shorter than the checkpoint's setting."""
+    return arm.name if steps == checkpoint_steps else f"{arm.name}_{steps}steps"
+
+
+def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str, label: str) -> dict:
+    """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record (named ``label``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(setting, device, arm.fill, kernel)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     clips = validation_clips(setting, device)
-    record = {"arm": dataclasses.asdict(arm), "seed": seed, "kernel_requested": kernel}
+    record = {"arm": dataclasses.asdict(arm), "run": label, "finetune_steps": setting.finetune_steps, "seed": seed,
+              "kernel_requested": kernel}
     schedule = None
     if arm.keep is not None:
         threshold, record["sparsity_at_start"] = calibrate(model, arm, clips, dtype)
@@ -248,25 +255,38 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     if schedule is not None:
         record["kernel"] = training_kernel(kernel, setting, device, dtype)
     if seed == 0:
-        save_samples(model, clips, dtype, os.path.join(out, f"samples_{arm.name}.pt"), arm.name)
+        save_samples(model, clips, dtype, os.path.join(out, f"samples_{label}.pt"), label)
     return record
 
 
-def finetune(setting: Setting, out: str, seed: int, device, arms, kernel: str = "auto") -> list[dict]:
-    """The arms for one seed, added to arms_seed<seed>.json (an arm run again replaces its record),
-    the file rewritten after each arm (a cut run keeps what it did)."""
+def load_records(path: str) -> list[dict]:
+    """The records of one arms_seed file, each with its run label and step count (older files name neither:
+    their arms ran the file's setting)."""
+    with open(path) as f:
+        saved = json.load(f)
+    for r in saved["records"]:
+        r.setdefault("run", r["arm"]["name"])
+        r.setdefault("finetune_steps", saved["setting"]["finetune_steps"])
+    return saved["records"]
+
+
+def finetune(setting: Setting, out: str, seed: int, device, arms, kernel: str = "auto",
+             steps: int | None = None) -> list[dict]:
+    """The arms for one seed, ``steps`` fine-tune steps each (default: the checkpoint's setting), added to
+    arms_seed<seed>.json (a run of the same arm and steps replaces its record), the file rewritten after each
+    arm (a cut run keeps what it did)."""
     path = os.path.join(out, f"arms_seed{seed}.json")
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [r for r in json.load(f)["records"] if r["arm"]["name"] not in {a.name for a in arms}]
+    steps = steps or setting.finetune_steps
+    labels = {arm.name: run_label(arm, steps, setting.finetune_steps) for arm in arms}
+    records = [r for r in load_records(path) if r["run"] not in labels.values()] if os.path.exists(path) else []
     for arm in arms:
-        records.append(finetune_arm(arm, setting, out, seed, device, kernel))
+        records.append(finetune_arm(arm, dataclasses.replace(setting, finetune_steps=steps), out, seed, device,
+                                    kernel, labels[arm.name]))
         with open(path, "w") as f:
             json.dump({"setting": dataclasses.asdict(setting), "environment": environment(device),
                        "records": records}, f, indent=1)
         r = records[-1]
-        print(f"seed {seed} {arm.name:>22}: val {r['val_loss']:.4f}, sparsity {r['sparsity_at_end']:.3f}, "
+        print(f"seed {seed} {labels[arm.name]:>22}: val {r['val_loss']:.4f}, sparsity {r['sparsity_at_end']:.3f}, "
               f"{r['wall_s']:.0f} s", flush=True)
     return records
 
@@ -292,16 +312,21 @@ def bench_speedups(paths: list[str]) -> dict:
 
 
 def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
-    """One fine-tune row per BSA arm: loss mean and spread over seeds, gap to dense, speed-ups of its split."""
-    by_arm = {}
+    """One fine-tune row per BSA run (arm and step count): loss mean and spread over seeds, gap to the dense arm
+    of the same step count, speed-ups of its split."""
+    by_run, dense_by_steps = {}, {}
     for r in records:
-        by_arm.setdefault(r["arm"]["name"], []).append(r)
-    dense = mean_std([r["val_loss"] for r in by_arm.pop("dense", [])] or [float("nan")])
+        if r["arm"]["keep"] is None:
+            dense_by_steps.setdefault(r["finetune_steps"], []).append(r["val_loss"])
+        else:
+            by_run.setdefault(r["run"], []).append(r)
     rows = []
-    for name, runs in by_arm.items():
+    for name, runs in by_run.items():
         arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
+        dense = mean_std(dense_by_steps.get(runs[0]["finetune_steps"], [float("nan")]))
         small, large = (speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
-        rows.append({"regime": "fine-tune", "arm": name, "query_keep_ratio": arm["keep"], "fill": arm["fill"],
+        rows.append({"regime": "fine-tune", "arm": name, "finetune_steps": runs[0]["finetune_steps"],
+                     "query_keep_ratio": arm["keep"], "fill": arm["fill"],
                      "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
@@ -382,10 +407,9 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
     """quality_frontier.json, frontier.png and samples.png from the seeds' records under ``out``."""
     records, environments = [], []
     for path in sorted(glob.glob(os.path.join(out, "arms_seed*.json"))):
+        records += load_records(path)
         with open(path) as f:
-            saved = json.load(f)
-        records += saved["records"]
-        environments.append(saved["environment"])
+            environments.append(json.load(f)["environment"])
     if not records:
         raise SystemExit(f"no arms_seed*.json under {out}: run finetune first")
     rows = frontier_rows(records, bench_speedups(bench.split(","))) + scratch_rows(scratch)
@@ -393,7 +417,7 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
         pretrained = json.load(f)
     summary = {"rows": rows, "environment": environments[0], "setting": pretrained["setting"],
                "pretrain_val_loss": pretrained["val_loss"], "bench": bench,
-               "records": [{k: r[k] for k in ("arm", "seed", "val_loss", "sparsity_at_start", "sparsity_at_end",
+               "records": [{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss", "sparsity_at_start", "sparsity_at_end",
                                               "kv_threshold", "wall_s") if k in r} for r in records]}
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "quality_frontier.json"), "w") as f:
@@ -432,6 +456,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="finetune: steps per arm (default: the checkpoint's setting); other counts are "
+                             "recorded as runs of their own, compared with the dense arm of the same count")
     parser.add_argument("--scene", choices=sorted(SCENES), default=None,
                         help="pretrain: what the clips show (default: the setting's); finetune takes the checkpoint's")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretrain: steps (default: the setting's)")
@@ -442,8 +469,9 @@ def main(argv=None) -> None:
                         help="summarize: folder of the from-scratch runs")
     parser.add_argument("--results", default="benchmarks/results", help="summarize: where the frontier goes")
     args = parser.parse_args(argv)
-    if args.pretrain_steps is not None and args.pretrain_steps < 1:
-        parser.error(f"--pretrain-steps must be at least 1, got {args.pretrain_steps}")
+    for flag, value in (("--pretrain-steps", args.pretrain_steps), ("--finetune-steps", args.finetune_steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     setting = SETTINGS["tiny" if args.tiny else "gpu"]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
@@ -458,7 +486,7 @@ def main(argv=None) -> None:
     if args.command == "pretrain":
         print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
     elif args.command == "finetune":
-        finetune(setting, args.out, args.seed, device, arms, args.kernel)
+        finetune(setting, args.out, args.seed, device, arms, args.kernel, args.finetune_steps)
     elif args.command == "concentration":
         record = measure_concentration(args.out, device)
         for r in record["rows"]:
