@@ -270,9 +270,10 @@ def test_a_longer_fine_tune_is_a_run_of_its_own_compared_with_the_dense_arm_of_i
 
 
 def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(tmp_path):
+    """The plain-scene records and their quality_frontier.json, both written before runs had labels."""
     frontier = _load("finetune_frontier")
-    folder = ROOT / "benchmarks" / "results" / "frontier_2026-12-03_sprites"
-    recorded = {r["arm"]: r["gap"] for r in json.loads((folder / "quality_frontier.json").read_text())["rows"]
+    folder = ROOT / "benchmarks" / "results" / "frontier_2026-12-03_plain"
+    recorded = {r["arm"]: r["gap"] for r in json.loads((folder.parent / "quality_frontier.json").read_text())["rows"]
                 if r["regime"] == "fine-tune"}
     summary = frontier.summarize(str(folder), "", str(tmp_path / "no_scratch_runs"), str(tmp_path))
     assert {r["arm"]: r["gap"] for r in summary["rows"]} == pytest.approx(recorded)

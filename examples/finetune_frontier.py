@@ -259,15 +259,15 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     return record
 
 
-def load_records(path: str) -> list[dict]:
-    """The records of one arms_seed file, each with its run label and step count (older files name neither:
-    their arms ran the file's setting)."""
+def load_arms_file(path: str) -> dict:
+    """One arms_seed file, each record given its run label and step count (older files name neither: their
+    arms ran the file's setting)."""
     with open(path) as f:
         saved = json.load(f)
     for r in saved["records"]:
         r.setdefault("run", r["arm"]["name"])
         r.setdefault("finetune_steps", saved["setting"]["finetune_steps"])
-    return saved["records"]
+    return saved
 
 
 def finetune(setting: Setting, out: str, seed: int, device, arms, kernel: str = "auto",
@@ -276,12 +276,12 @@ def finetune(setting: Setting, out: str, seed: int, device, arms, kernel: str = 
     arms_seed<seed>.json (a run of the same arm and steps replaces its record), the file rewritten after each
     arm (a cut run keeps what it did)."""
     path = os.path.join(out, f"arms_seed{seed}.json")
-    steps = steps or setting.finetune_steps
-    labels = {arm.name: run_label(arm, steps, setting.finetune_steps) for arm in arms}
-    records = [r for r in load_records(path) if r["run"] not in labels.values()] if os.path.exists(path) else []
+    run_setting = dataclasses.replace(setting, finetune_steps=steps or setting.finetune_steps)
+    labels = {arm.name: run_label(arm, run_setting.finetune_steps, setting.finetune_steps) for arm in arms}
+    records = ([r for r in load_arms_file(path)["records"] if r["run"] not in labels.values()]
+               if os.path.exists(path) else [])
     for arm in arms:
-        records.append(finetune_arm(arm, dataclasses.replace(setting, finetune_steps=steps), out, seed, device,
-                                    kernel, labels[arm.name]))
+        records.append(finetune_arm(arm, run_setting, out, seed, device, kernel, labels[arm.name]))
         with open(path, "w") as f:
             json.dump({"setting": dataclasses.asdict(setting), "environment": environment(device),
                        "records": records}, f, indent=1)
@@ -407,9 +407,9 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
     """quality_frontier.json, frontier.png and samples.png from the seeds' records under ``out``."""
     records, environments = [], []
     for path in sorted(glob.glob(os.path.join(out, "arms_seed*.json"))):
-        records += load_records(path)
-        with open(path) as f:
-            environments.append(json.load(f)["environment"])
+        saved = load_arms_file(path)
+        records += saved["records"]
+        environments.append(saved["environment"])
     if not records:
         raise SystemExit(f"no arms_seed*.json under {out}: run finetune first")
     rows = frontier_rows(records, bench_speedups(bench.split(","))) + scratch_rows(scratch)
@@ -417,8 +417,9 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
         pretrained = json.load(f)
     summary = {"rows": rows, "environment": environments[0], "setting": pretrained["setting"],
                "pretrain_val_loss": pretrained["val_loss"], "bench": bench,
-               "records": [{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss", "sparsity_at_start", "sparsity_at_end",
-                                              "kv_threshold", "wall_s") if k in r} for r in records]}
+               "records": [{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss", "sparsity_at_start",
+                                              "sparsity_at_end", "kv_threshold", "wall_s") if k in r}
+                           for r in records]}
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "quality_frontier.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -290,7 +290,7 @@ def top_kv_block_mass(q, k, layout, fraction: float, scale: float) -> float:
         probs = torch.softmax(q[:, h].float() @ k[:, h].float().transpose(-1, -2) * scale, -1)  # [B, S, S]
         by_kv = probs.new_zeros(*probs.shape[:2], layout.num_kv_blocks).index_add_(2, block, probs)
         by_blocks = by_kv.new_zeros(by_kv.shape[0], layout.num_kv_blocks, by_kv.shape[2]).index_add_(1, block, by_kv)
-        total += float(by_blocks.sort(-1, descending=True).values[..., :top].sum())
+        total += float(by_blocks.topk(top, -1).values.sum())
         del probs, by_kv
     return total / (q.shape[0] * q.shape[1] * q.shape[2])
 
