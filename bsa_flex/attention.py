@@ -82,7 +82,7 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
     if plan.config.fill == "none":  # a pruned query attends to nothing: output 0, its residual passes through
         own = takes_own_output(kept)
         out, lse = zero_where_pruned(out, lse, own[..., plan.layout.tile_order] if plan.in_tile_order else own)
-    out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, k, v))
+    out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, ops.k_slots, ops.v_slots))
     return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
 
 
@@ -102,7 +102,11 @@ def zero_where_pruned(out: torch.Tensor, lse: torch.Tensor | None, kept: torch.T
 
 
 def non_finite_heads(q, k, v) -> torch.Tensor:
-    """[B, Hq] bool: the (batch, query head) whose q, or whose key/value head's k or v, holds a NaN or inf."""
+    """[B, Hq] bool: the (batch, query head) whose q, or whose key/value head's k or v, holds a NaN or inf.
+
+    k and v may be the tile-major slots (every token is in one, padding slots copy a real token):
+    read there, the check can share the pass that writes them.
+    """
     def bad(x):  # [B, H]: one reduction over the whole (S, D) plane (NaN propagates through amax), no host sync
         return ~x.detach().flatten(2).abs().amax(-1).isfinite()
     group = q.shape[1] // k.shape[1]
