@@ -246,13 +246,17 @@ def _retained_mass_sum(probs, head, layout) -> float:
     return float((probs * used).sum())
 
 
+def mass_per_kv_block(probs: torch.Tensor, layout) -> torch.Tensor:
+    """Attention probabilities [..., S] over raster keys summed per KV block of BSA's ``layout``: [..., n_kv_blocks]."""
+    block = layout.token_slot // layout.block_size
+    return probs.new_zeros(*probs.shape[:-1], layout.num_kv_blocks).index_add_(-1, block, probs)
+
+
 def _kv_block_mass_sums(probs, head, layout) -> tuple[float, float]:
     """Sums over kept queries of the full-attention mass on the KV blocks their query block selected, and on
     the same number of KV blocks with the most mass (the best any KV rule could do with that budget)."""
     rows = probs.gather(2, head.kept_token[..., None].expand(-1, -1, -1, probs.shape[-1]))  # [B, 1, Nq, S]
-    kv_block = (layout.token_slot // layout.block_size).expand_as(rows)
-    mass = rows.new_zeros(*rows.shape[:3], head.kv_blocks.shape[-1]).scatter_add_(3, kv_block, rows)
-    mass = mass * head.kept_valid[..., None]
+    mass = mass_per_kv_block(rows, layout) * head.kept_valid[..., None]
     per_block = rearrange(mass, "b h (n r) j -> b h n r j", r=layout.block_size).sum(3)  # [B, 1, nq, nkv]
     chosen = head.kv_blocks
     best = F.pad(per_block.sort(-1, descending=True).values.cumsum(-1), (1, 0))  # best[..., m]: top m blocks
@@ -288,7 +292,7 @@ def top_kv_block_mass(q, k, layout, fraction: float, scale: float) -> float:
     total = 0.0
     for h in range(q.shape[1]):
         probs = torch.softmax(q[:, h].float() @ k[:, h].float().transpose(-1, -2) * scale, -1)  # [B, S, S]
-        by_kv = probs.new_zeros(*probs.shape[:2], layout.num_kv_blocks).index_add_(2, block, probs)
+        by_kv = mass_per_kv_block(probs, layout)  # [B, S, n_kv_blocks]
         by_blocks = by_kv.new_zeros(by_kv.shape[0], layout.num_kv_blocks, by_kv.shape[2]).index_add_(1, block, by_kv)
         total += float(by_blocks.topk(top, -1).values.sum())
         del probs, by_kv
