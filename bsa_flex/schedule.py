@@ -127,6 +127,11 @@ class SparsitySchedule:
 
     def apply(self, layers: Iterable, step: int) -> list[LayerSparsity]:
         """Set every layer (``BSAttention`` modules, in depth order) to its value at ``step``."""
+        layers = list(layers)
+        missing = sorted(index for index in self.layer_overrides if index >= len(layers))
+        if missing:  # an override no layer takes would silently do nothing
+            raise ValueError(f"SparsitySchedule.layer_overrides names layers {missing}, but only "
+                             f"{len(layers)} layers were given (indices 0..{len(layers) - 1})")
         settings = []
         for index, layer in enumerate(layers):
             setting = self.at(step, index)

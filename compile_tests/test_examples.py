@@ -287,3 +287,23 @@ def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_cons
     (tmp_path / "pretrain.json").write_text(json.dumps({"setting": fields}))
     assert frontier.checkpoint_setting(str(tmp_path)).pretrain_lr_final is None
     assert frontier.SETTINGS["gpu"].pretrain_lr_final == frontier.SETTINGS["gpu"].finetune_lr
+
+
+def test_an_arm_with_per_layer_keep_ratios_prunes_queries_in_those_layers_only_and_has_no_bench_split():
+    frontier = _load("finetune_frontier")
+    arm = frontier.Arm("mixed", 1.0, 0.9, layer_keep=((1, 0.5),))
+    model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu")
+    settings = frontier.schedule_for(arm, 0.6, 10).apply(model.attention_layers, 10**6)
+    assert [s.keep_ratio for s in settings] == [1.0, 0.5]
+    speedups = {(tokens, 1.0, 0.9): (5.0, "bench.json") for tokens in (23296, 153600)}
+    assert frontier.split_speedups(dataclasses.asdict(arm), speedups) == ((None, None), (None, None))
+    plain = dataclasses.asdict(frontier.Arm("kv", 1.0, 0.9))
+    assert frontier.split_speedups(plain, speedups) == ((5.0, "bench.json"),) * 2
+
+
+def test_the_per_layer_keep_arms_refuse_a_model_without_their_layers():
+    frontier = _load("finetune_frontier")
+    model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu")  # two layers; the arms name layer 3
+    arm = next(a for a in frontier.ARMS if a.name == "kv_0.90_q13")
+    with pytest.raises(ValueError, match="layer_overrides names layers"):
+        frontier.schedule_for(arm, 0.6, 10).apply(model.attention_layers, 0)

@@ -58,6 +58,13 @@ def test_layer_overrides_replace_the_final_values_of_that_layer_only():
     assert schedule.at(10, 2).dense and not schedule.at(10, 3).dense
 
 
+def test_applying_an_override_of_a_layer_the_model_lacks_is_an_error_naming_it():
+    from bsa_flex import BSAttention
+    layers = [BSAttention(32, 2) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"layer_overrides names layers \[3\], but only 2 layers"):
+        SparsitySchedule(layer_overrides={3: {"final_keep_ratio": 0.5}}).apply(layers, 0)
+
+
 def test_the_papers_recipe_raises_sparsity_every_30_steps():
     """+0.03 every 30 steps up to 0.9: here as the keep ratio going 1.0 -> 0.1 in 30 stairs."""
     schedule = SparsitySchedule(final_keep_ratio=0.1, start_keep_ratio=1.0, final_kv_threshold=1.0,

@@ -76,13 +76,17 @@ SETTINGS = {
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One fine-tune arm: dense (keep None), or BSA at a final keep ratio, fill, windows and total sparsity."""
+    """One fine-tune arm: dense (keep None), or BSA at a final keep ratio, fill, windows and total sparsity.
+
+    layer_keep: (layer, keep ratio) pairs replacing ``keep`` in those layers (the setting must have them).
+    """
 
     name: str
     keep: float | None = None
     target: float | None = None
     fill: str = "most_similar"
     windows: tuple[tuple[int, int, int], ...] = ()
+    layer_keep: tuple[tuple[int, float], ...] = ()
 
 
 ARMS = [Arm("dense")]
@@ -95,6 +99,10 @@ ARMS += [Arm("kv_0.50", 1.0, 0.50), Arm("kv_0.75", 1.0, 0.75), Arm("bsa_0.75", 0
 ARMS += [Arm("kv_0.25", 1.0, 0.25), Arm("bsa_0.50", 0.5, 0.50)]
 ARMS += [Arm(f"bsa_0.93_{fill}", 0.5, 0.93, fill) for fill in ("anchor", "nearest", "none")]
 ARMS += [Arm("bsa_0.93_space_time", 0.5, 0.93, windows=((1, 2, 2), (2, 1, 1)))]
+# queries pruned only where the checkpoint tolerates it (2026-12-03, sprites, CPU, no fine-tuning, every KV
+# block kept: keep 0.5 in layer 3 alone +4.8%, layer 1 alone +15%, layers 0 / 2 +38% / +48%, all +137%)
+ARMS += [Arm("kv_0.90_q13", 1.0, 0.90, layer_keep=((1, 0.5), (3, 0.5))),
+         Arm("kv_0.93_q13", 1.0, 0.93, layer_keep=((1, 0.5), (3, 0.5)))]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -154,7 +162,8 @@ def schedule_for(arm: Arm, threshold: float, steps: int) -> SparsitySchedule:
     ramp = int(0.6 * steps)
     return SparsitySchedule(final_keep_ratio=arm.keep, final_kv_threshold=threshold, ramp_steps=ramp,
                             every=max(1, min(30, ramp // 10)), start_keep_ratio=max(arm.keep, 0.75),
-                            windows=arm.windows)
+                            windows=arm.windows,
+                            layer_overrides={layer: {"final_keep_ratio": keep} for layer, keep in arm.layer_keep})
 
 
 def calibrate(model, arm: Arm, clips, dtype, steps: int = 12) -> tuple[float, float]:
@@ -311,6 +320,14 @@ def bench_speedups(paths: list[str]) -> dict:
     return found
 
 
+def split_speedups(arm: dict, speedups: dict) -> tuple[tuple, tuple]:
+    """(speed-up, bench file) at 23,296 and at 153,600 tokens of the arm's split, (None, None) where the bench has
+    none: an arm whose keep ratio differs by layer (``layer_keep``) has no bench split."""
+    if arm.get("layer_keep"):
+        return (None, None), (None, None)
+    return tuple(speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
+
+
 def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
     """One fine-tune row per BSA run (arm and step count): loss mean and spread over seeds, gap to the dense arm
     of the same step count, speed-ups of its split."""
@@ -324,9 +341,9 @@ def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
     for name, runs in by_run.items():
         arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
         dense = mean_std(dense_by_steps.get(runs[0]["finetune_steps"], [float("nan")]))
-        small, large = (speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
+        small, large = split_speedups(arm, speedups)
         rows.append({"regime": "fine-tune", "arm": name, "finetune_steps": runs[0]["finetune_steps"],
-                     "query_keep_ratio": arm["keep"], "fill": arm["fill"],
+                     "query_keep_ratio": arm["keep"], "layer_keep": arm.get("layer_keep", []), "fill": arm["fill"],
                      "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
