@@ -143,9 +143,9 @@ def _window_cosines(q: torch.Tensor, layout: TileLayout, in_tile_order: bool) ->
     q, where unit-norm copies of q and a batched matmul of 8 x 8 blocks cost several (measured
     1.7 ms at 153,600 tokens). Every entry of q enters 2w products, so only the conversion to
     float32 is applied to it there (with a NaN-to-0 on every operand too, the pass took 1.93 ms
-    at 153,600 tokens on an H200); non-finite cosines are set to 0 afterwards, so that a head holding NaN or
-    inf still gets a well-formed selection (its output is NaN anyway) and finite heads are
-    untouched. A zero query's cosines are 0.
+    at 153,600 tokens on an H200); non-finite cosines are set to 0 afterwards, so that a head
+    holding NaN or inf still gets a well-formed selection (its output is NaN anyway) and finite
+    heads are untouched. A zero query's cosines are 0.
     """
     slots = layout.slot_token[: layout.num_video_slots]
     rows = layout.tile_position[slots] if in_tile_order else slots
