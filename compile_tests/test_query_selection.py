@@ -204,13 +204,13 @@ def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_r
 def test_kept_queries_are_the_first_of_a_stable_sort_of_the_keep_order(inputs, config, levels):
     """The closed form (ranks by pairwise comparison) keeps exactly what a stable sort of the
     keep order would keep, ties included (queries quantised to a few levels make many)."""
-    from masks.query_selection import _keep_order_score, _window_cosines
+    from masks.query_selection import _keep_order_score, _window_queries
     q = (inputs.qkv[0] * levels).round() / levels
     layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
     k, w, n = config.keep_per_window, layout.window_tokens, layout.num_windows
     kept = select_queries(q, layout, k, config.fill)
     if k < w:
-        score = _keep_order_score(_window_cosines(q, layout, in_tile_order=False), layout)
+        score = _keep_order_score(_window_queries(q, layout, in_tile_order=False), layout)
         first_k = torch.argsort(score, dim=-1, stable=True)[..., :k]
         local = first_k.sort(-1).values
     else:

@@ -135,38 +135,49 @@ def takes_own_output(kept: KeptQueries) -> torch.Tensor:
     return kept.kept_token.gather(2, kept.fill_source) == token
 
 
-def _window_cosines(q: torch.Tensor, layout: TileLayout, in_tile_order: bool) -> torch.Tensor:
-    """Float32 cosine similarities [B, H, n_windows, w, w] between the queries of each window.
+class WindowQueries(NamedTuple):
+    """The video's queries grouped by window, in float32 and detached: what query selection scores."""
 
-    From the window's Gram matrix (w x w, a sixteenth of its queries' size for windows of 8
-    tokens at D=128), written as products summed over D: Inductor fuses that into one pass over
-    q, where unit-norm copies of q and a batched matmul of 8 x 8 blocks cost several (measured
-    1.7 ms at 153,600 tokens). Every entry of q enters 2w products, so only the conversion to
-    float32 is applied to it there (with a NaN-to-0 on every operand too, the pass took 1.93 ms
-    at 153,600 tokens on an H200); non-finite cosines are set to 0 afterwards, so that a head
-    holding NaN or inf still gets a well-formed selection (its output is NaN anyway) and finite
-    heads are untouched. A zero query's cosines are 0.
-    """
+    queries: torch.Tensor  # [B, H, n_windows, w, D]
+    norm: torch.Tensor  # [B, H, n_windows, w]: their L2 norms, at least 1e-12 (as F.normalize's eps)
+
+
+def _window_queries(q: torch.Tensor, layout: TileLayout, in_tile_order: bool) -> WindowQueries:
+    """The queries of every window and their norms, from q [B, H, S, D] in sequence (or tile) order."""
     slots = layout.slot_token[: layout.num_video_slots]
     rows = layout.tile_position[slots] if in_tile_order else slots
-    qw = rearrange(q.detach().index_select(2, rows).float(), "b h (n w) d -> b h n w d", w=layout.window_tokens)
-    gram = (qw[..., :, None, :] * qw[..., None, :, :]).sum(-1)
-    norm = gram.diagonal(dim1=-2, dim2=-1).sqrt().clamp_min(1e-12)  # as F.normalize's eps
-    return (gram / (norm[..., :, None] * norm[..., None, :])).nan_to_num(0.0, 0.0, 0.0)
+    queries = rearrange(q.detach().index_select(2, rows).float(), "b h (n w) d -> b h n w d", w=layout.window_tokens)
+    return WindowQueries(queries, queries.square().sum(-1).sqrt().clamp_min(1e-12))
 
 
-def _keep_order_score(cosines: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+def _cosines_to(windows: WindowQueries, position: torch.Tensor) -> torch.Tensor:
+    """Float32 cosines [B, H, n, w, m] between every query of a window and the queries at its
+    window positions ``position`` [B, H, n, m].
+
+    Only the m columns needed are formed (the centre for selection, the k kept queries for the
+    fill), not the window's whole w x w matrix: at 153,600 tokens on an H200 this took the query
+    selection from 1.11 to 0.94 ms. Non-finite cosines are set to 0, so that a head holding NaN
+    or inf still gets a well-formed selection (its output is NaN anyway) and finite heads are
+    untouched; a zero query's cosines are 0.
+    """
+    queries, norm = windows
+    other = queries.gather(3, position[..., None].expand(*position.shape, queries.shape[-1]))
+    dot = (queries[..., :, None, :] * other[..., None, :, :]).sum(-1)
+    return (dot / (norm[..., :, None] * norm.gather(3, position)[..., None, :])).nan_to_num(0.0, 0.0, 0.0)
+
+
+def _keep_order_score(windows: WindowQueries, layout: TileLayout) -> torch.Tensor:
     """[B, H, n, w] sort key: anchor first, then least similar to the anchor, padding last."""
     anchor = layout.window_anchor
     w = layout.window_tokens
-    similarity = cosines.gather(3, anchor[:, None, None].expand(*cosines.shape[:3], 1, w)).squeeze(3)
+    similarity = _cosines_to(windows, anchor[:, None].expand(*windows.norm.shape[:3], 1)).squeeze(-1)
     local = torch.arange(w, device=anchor.device)
     valid = layout.slot_valid[: layout.num_video_slots].view(-1, w)
     score = similarity.masked_fill(~valid, float("inf"))
     return score.masked_fill(local == anchor[:, None], float("-inf"))
 
 
-def _fill_rank(cosines: torch.Tensor, kept_local: torch.Tensor, kept_valid: torch.Tensor,
+def _fill_rank(windows: WindowQueries, kept_local: torch.Tensor, kept_valid: torch.Tensor,
                layout: TileLayout, fill: str) -> torch.Tensor:
     """[B, H, n, w] rank (within the window's kept list) of the kept query each slot copies.
 
@@ -177,7 +188,7 @@ def _fill_rank(cosines: torch.Tensor, kept_local: torch.Tensor, kept_valid: torc
     w = layout.window_tokens
     local = torch.arange(w, device=kept_local.device)
     if fill == "most_similar":
-        preference = cosines.gather(4, kept_local[..., None, :].expand(-1, -1, -1, w, -1))
+        preference = _cosines_to(windows, kept_local)
     elif fill == "nearest":
         preference = -_window_distances(layout.window, kept_local.device)[:, kept_local].movedim(0, -2)
     else:
@@ -196,18 +207,18 @@ def _window_distances(window: tuple[int, int, int], device) -> torch.Tensor:
 
 
 def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int,
-                     in_tile_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kept window positions [B, H, n, k] in slot order, and the window cosines they were scored on.
+                     in_tile_order: bool) -> tuple[torch.Tensor, WindowQueries | None]:
+    """Kept window positions [B, H, n, k] in slot order, and the window queries they were scored on.
 
     With k equal to the window size (keep ratio 1.0) every position is kept and nothing is
-    scored: the cosines are None.
+    scored: the window queries are None.
     """
     B, H = q.shape[:2]
     n, w = layout.num_windows, layout.window_tokens
     if k == w:
         return torch.arange(w, device=q.device).expand(B, H, n, w), None
-    cosines = _window_cosines(q, layout, in_tile_order)
-    return _kept_positions(stable_ranks(_keep_order_score(cosines, layout)) < k, k), cosines
+    windows = _window_queries(q, layout, in_tile_order)
+    return _kept_positions(stable_ranks(_keep_order_score(windows, layout)) < k, k), windows
 
 
 def _kept_positions(kept: torch.Tensor, k: int) -> torch.Tensor:
@@ -241,13 +252,13 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    kept_local, cosines = _kept_in_windows(q, layout, k, in_tile_order)
+    kept_local, windows = _kept_in_windows(q, layout, k, in_tile_order)
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
     # with every query kept, each copies itself
-    fill_rank = (kept_local if cosines is None else
-                 _fill_rank(cosines, kept_local, kept_valid.view(B, H, n, k), layout, fill))
+    fill_rank = (kept_local if windows is None else
+                 _fill_rank(windows, kept_local, kept_valid.view(B, H, n, k), layout, fill))
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
 
     pad = video_query_rows(layout, k) - n * k
