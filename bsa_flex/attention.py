@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (KeptQueries, Selection, fill_from_kept, gather_tokens, kv_block_probs, pool_blocks, select_kv_blocks,
+from masks import (KeptQueries, Selection, compact_queries, fill_from_kept, kv_block_probs, pool_blocks, select_kv_blocks,
                    select_queries, takes_own_output, to_tile_major, video_query_rows)
 
 from .config import BSAConfig
@@ -41,7 +41,7 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
     bs = layout.block_size
     tiled = plan.in_tile_order
     kept = select_queries(q, layout, config.keep_per_window, config.fill, tiled)  # tile, select queries
-    q_kept = gather_tokens(q, layout.tile_position[kept.kept_token] if tiled else kept.kept_token)  # compact queries
+    q_kept = compact_queries(q, kept, layout, tiled)  # compact queries
     k_slots, v_slots = to_tile_major(k, layout, tiled), to_tile_major(v, layout, tiled)
     video_rows = video_query_rows(layout, config.keep_per_window)  # non-video query rows follow
     probs = kv_block_probs(pool_blocks(q_kept[:, :, :video_rows], kept.kept_valid[..., :video_rows], bs),

@@ -90,6 +90,23 @@ def test_every_block_list_is_exactly_the_one_flex_would_build(lb):
     assert ours.seq_lengths == flex.seq_lengths and ours.BLOCK_SIZE == flex.BLOCK_SIZE
 
 
+@given(st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_a_video_of_whole_tiles_and_blocks_gets_flex_lists_with_empty_partial_lists(density, seed):
+    """Without padding the partial lists are known statically (no compaction runs for them)."""
+    layout = tile_layout((8, 8, 12), (4, 4, 4), (2, 2, 2), 64, CPU)
+    assert not layout.has_partial_kv_blocks
+    kv_blocks = torch.rand(2, 3, 12, layout.num_kv_blocks, generator=torch.Generator().manual_seed(seed)) < density
+    ours = build_block_mask(kv_blocks, layout)
+    flex = BlockMask.from_kv_blocks(torch.zeros_like(ours.kv_num_blocks), ours.kv_indices, ours.full_kv_num_blocks,
+                                    ours.full_kv_indices, BLOCK_SIZE=ours.BLOCK_SIZE, seq_lengths=ours.seq_lengths)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        mine, theirs = getattr(ours, name), getattr(flex, name)
+        assert mine.dtype == theirs.dtype == torch.int32 and mine.is_contiguous(), name
+        assert torch.equal(mine, theirs), name
+    assert torch.equal(ours.to_dense().bool(), kv_blocks)
+
+
 @given(st.integers(1, 300), st.integers(1, 6), st.booleans(), st.integers(0, 2**31 - 1))
 def test_stable_argsort_orders_like_a_stable_sort_and_keeps_ties_in_place(n, distinct, descending, seed):
     x = torch.randint(0, distinct, (3, n), generator=torch.Generator().manual_seed(seed))  # many ties

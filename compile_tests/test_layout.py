@@ -76,6 +76,7 @@ def test_partial_blocks_are_exactly_those_mixing_real_and_padding(video_shape, c
     per_block = layout.slot_valid.view(-1, layout.block_size)
     assert torch.equal(layout.kv_block_partial, per_block.any(1) & ~per_block.all(1))
     assert torch.equal(layout.kv_block_valid, per_block.any(1))
+    assert layout.has_partial_kv_blocks == bool(layout.kv_block_partial.any())
 
 
 def test_layout_is_cached_per_key():

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import bsa_flex
 from bsa_flex.testing import attention_inputs, configs
-from masks import fill_from_kept, gather_tokens, select_queries, static_selection, tile_layout
+from masks import compact_queries, fill_from_kept, gather_tokens, select_queries, static_selection, tile_layout
 
 CPU = torch.device("cpu")
 
@@ -197,6 +197,25 @@ def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_r
     assert torch.equal(out, gather_tokens(out_kept, kept.fill_source))
     expected = torch.zeros_like(out_kept).scatter_add(2, kept.fill_source[..., None].expand(-1, -1, -1, 3), grad)
     torch.testing.assert_close(out_kept.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(attention_inputs(max_text_tokens=20), configs(), st.booleans())
+def test_compact_queries_gradient_is_each_kept_tokens_row_and_zero_for_pruned_tokens(inputs, config, in_tile_order):
+    """The gather's backward reads each token's own compact row: what a scatter-add of the real rows gives."""
+    layout, kept = _kept_with_text(inputs, config)
+    B, H, rows = kept.kept_token.shape
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, layout.num_tokens, 3, dtype=torch.float64, generator=g)
+    if in_tile_order:
+        q = q[:, :, layout.tile_order]
+    q.requires_grad_()
+    grad = torch.randn(B, H, rows, 3, dtype=torch.float64, generator=g) * kept.kept_valid[..., None]
+    index = layout.tile_position[kept.kept_token] if in_tile_order else kept.kept_token
+    out = compact_queries(q, kept, layout, in_tile_order)
+    out.backward(grad)
+    assert torch.equal(out, gather_tokens(q.detach(), index))
+    expected = torch.zeros_like(q).scatter_add(2, index[..., None].expand(-1, -1, -1, 3), grad)
+    assert torch.equal(q.grad, expected)
 
 
 @settings(max_examples=40)

@@ -74,6 +74,12 @@ def ordered_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return selected_first(blocks)
 
 
+def empty_block_lists(shape: torch.Size, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ordered_kv_blocks`` of an all-False matrix of ``shape`` [..., n]: counts 0, indices in order."""
+    count = torch.zeros(shape[:-1], dtype=torch.int32, device=device)
+    return count, torch.arange(shape[-1], dtype=torch.int32, device=device).expand(shape).contiguous()
+
+
 def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     """BlockMask over compact queries x tile-major slots for a [B, Hq, nq, nkv] bool block matrix.
 
@@ -87,13 +93,18 @@ def build_block_mask(kv_blocks: torch.Tensor, layout: TileLayout) -> BlockMask:
     masks padding only; uncompiled it encodes the whole selection.
     """
     bs = layout.block_size
-    partial = kv_blocks & layout.kv_block_partial
-    full = kv_blocks & ~layout.kv_block_partial
-    # four separate compactions: lists cut from one stacked sort broke Inductor's CPU Flex
-    # template (torch 2.13: C++ compile error, kv_num_blocks undeclared)
-    kv_num, kv_indices = ordered_kv_blocks(partial)
+    if layout.has_partial_kv_blocks:
+        partial = kv_blocks & layout.kv_block_partial
+        full = kv_blocks & ~layout.kv_block_partial
+        # separate compactions: lists cut from one stacked sort broke Inductor's CPU Flex
+        # template (torch 2.13: C++ compile error, kv_num_blocks undeclared)
+        kv_num, kv_indices = ordered_kv_blocks(partial)
+        q_num, q_indices = ordered_kv_blocks(partial.transpose(-2, -1))
+    else:  # a video of whole tiles and blocks: the partial lists are empty, known without a pass
+        full = kv_blocks
+        kv_num, kv_indices = empty_block_lists(kv_blocks.shape, kv_blocks.device)
+        q_num, q_indices = empty_block_lists(kv_blocks.transpose(-2, -1).shape, kv_blocks.device)
     full_kv_num, full_kv_indices = ordered_kv_blocks(full)
-    q_num, q_indices = ordered_kv_blocks(partial.transpose(-2, -1))
     full_q_num, full_q_indices = ordered_kv_blocks(full.transpose(-2, -1))
     return BlockMask(
         seq_lengths=(kv_blocks.shape[-2] * bs, layout.num_slots),

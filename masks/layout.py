@@ -62,6 +62,7 @@ class TileLayout:
     kv_block_valid_count: torch.Tensor  # [num_kv_blocks] int64: real tokens per KV block
     kv_block_valid: torch.Tensor  # [num_kv_blocks] bool: the block holds at least one real token
     kv_block_partial: torch.Tensor  # [num_kv_blocks] bool: real and padding slots mixed (element masking)
+    has_partial_kv_blocks: bool  # kv_block_partial.any(), known without reading the tensor
     kv_block_video: torch.Tensor  # [num_kv_blocks] bool: a valid block of video tokens (what the KV rule ranks)
     kv_block_text: torch.Tensor  # [num_kv_blocks] bool: a valid block of non-video tokens (always attended)
 
@@ -152,6 +153,7 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
         kv_block_valid_count=as_tensor(block_count, torch.int64),
         kv_block_valid=as_tensor(block_count > 0, torch.bool),
         kv_block_partial=as_tensor((block_count > 0) & (block_count < block_size), torch.bool),
+        has_partial_kv_blocks=bool(((block_count > 0) & (block_count < block_size)).any()),
         kv_block_video=as_tensor((block_count > 0) & ~is_text_block, torch.bool),
         kv_block_text=as_tensor((block_count > 0) & is_text_block, torch.bool),
     )

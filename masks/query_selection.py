@@ -12,8 +12,8 @@ from einops import rearrange
 from .layout import TileLayout
 from .ordering import stable_ranks
 
-__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "to_tile_major",
-           "fill_candidates", "fill_from_kept", "takes_own_output"]
+__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "compact_queries",
+           "to_tile_major", "fill_candidates", "fill_from_kept", "takes_own_output"]
 
 # Which kept query's output a pruned query takes: the most similar one (cosine), the window's
 # centre, the nearest in space-time (ties: the earliest kept), or none (the output is 0).
@@ -31,6 +31,36 @@ class KeptQueries(NamedTuple):
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of x along the sequence: x [B, H, N, D], index [B, H, M] -> [B, H, M, D]."""
     return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+class _GatherKept(torch.autograd.Function):
+    """Row gather whose backward is a gather too: every row of x is taken at most once, so its
+    gradient is that of its compact row, or 0; no zero-filled copy of x taking atomic scatter-adds."""
+
+    @staticmethod
+    def forward(x, index, row_of, is_taken):
+        return gather_tokens(x, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        row_of, is_taken = ctx.saved_tensors
+        return torch.where(is_taken[..., None], gather_tokens(grad, row_of), 0.0), None, None, None
+
+
+def compact_queries(q: torch.Tensor, kept: KeptQueries, layout: TileLayout, in_tile_order: bool = False) -> torch.Tensor:
+    """The kept queries, [B, H, S, D] -> [B, H, Nq, D], from q in sequence order (or ``in_tile_order``).
+
+    Padding rows repeat a token and get no gradient (no output row copies them): each token's
+    gradient is read from its own compact row, which its fill source names.
+    """
+    index, row_of, is_taken = kept.kept_token, kept.fill_source, takes_own_output(kept)
+    if in_tile_order:
+        index, row_of, is_taken = layout.tile_position[index], row_of[..., layout.tile_order], is_taken[..., layout.tile_order]
+    return _GatherKept.apply(q, index, row_of, is_taken)
 
 
 class _ToTileMajor(torch.autograd.Function):
@@ -150,53 +180,58 @@ def _window_queries(q: torch.Tensor, layout: TileLayout, in_tile_order: bool) ->
     return WindowQueries(queries, queries.square().sum(-1).sqrt().clamp_min(1e-12))
 
 
-def _cosines_to(windows: WindowQueries, position: torch.Tensor) -> torch.Tensor:
-    """Float32 cosines [B, H, n, w, m] between every query of a window and the queries at its
-    window positions ``position`` [B, H, n, m].
+def _window_rows(queries: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The queries [B, H, n, m, D] at window positions ``position`` [B, H, n, m] of ``queries`` [B, H, n, w, D]."""
+    return queries.gather(3, position[..., None].expand(*position.shape, queries.shape[-1]))
 
-    Only the m columns needed are formed (the centre for selection, the k kept queries for the
-    fill), not the window's whole w x w matrix: at 153,600 tokens on an H200 this took the query
-    selection from 1.11 to 0.94 ms. Non-finite cosines are set to 0, so that a head holding NaN
-    or inf still gets a well-formed selection (its output is NaN anyway) and finite heads are
-    untouched; a zero query's cosines are 0.
+
+def _cosines_to(windows: WindowQueries, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Float32 cosines [B, H, n, r, c] between the queries at window positions ``rows`` [B, H, n, r]
+    and those at ``columns`` [B, H, n, c].
+
+    Only the r x c pairs needed are formed (every position against the centre for selection, the
+    pruned against the kept for the fill), not the window's w x w matrix, one reduction over D per
+    column, fused into one pass (at 153,600 tokens on an H100 the fill's cosines took 0.79 ms for
+    all w x k pairs, 0.64 ms for the pruned x kept ones).
+    Non-finite cosines are set to 0, so that a head holding NaN or inf still gets a well-formed
+    selection (its output is NaN anyway) and finite heads are untouched; a zero query's cosines are 0.
     """
     queries, norm = windows
-    other = queries.gather(3, position[..., None].expand(*position.shape, queries.shape[-1]))
-    dot = (queries[..., :, None, :] * other[..., None, :, :]).sum(-1)
-    return (dot / (norm[..., :, None] * norm.gather(3, position)[..., None, :])).nan_to_num(0.0, 0.0, 0.0)
+    mine, mine_norm = _window_rows(queries, rows), norm.gather(3, rows)
+    dots = [(mine * _window_rows(queries, columns[..., j:j + 1])).sum(-1) for j in range(columns.shape[-1])]
+    norms = mine_norm[..., :, None] * norm.gather(3, columns)[..., None, :]
+    return (torch.stack(dots, -1) / norms).nan_to_num(0.0, 0.0, 0.0)
 
 
 def _keep_order_score(windows: WindowQueries, layout: TileLayout) -> torch.Tensor:
     """[B, H, n, w] sort key: anchor first, then least similar to the anchor, padding last."""
     anchor = layout.window_anchor
     w = layout.window_tokens
-    similarity = _cosines_to(windows, anchor[:, None].expand(*windows.norm.shape[:3], 1)).squeeze(-1)
+    shape = windows.norm.shape
     local = torch.arange(w, device=anchor.device)
+    similarity = _cosines_to(windows, local.expand(shape), anchor[:, None].expand(*shape[:3], 1)).squeeze(-1)
     valid = layout.slot_valid[: layout.num_video_slots].view(-1, w)
     score = similarity.masked_fill(~valid, float("inf"))
     return score.masked_fill(local == anchor[:, None], float("-inf"))
 
 
-def _fill_rank(windows: WindowQueries, kept_local: torch.Tensor, kept_valid: torch.Tensor,
-               layout: TileLayout, fill: str) -> torch.Tensor:
-    """[B, H, n, w] rank (within the window's kept list) of the kept query each slot copies.
+def _fill_choice(windows: WindowQueries, pruned_local: torch.Tensor, kept_local: torch.Tensor,
+                 kept_valid: torch.Tensor, layout: TileLayout, fill: str) -> torch.Tensor:
+    """[B, H, n, w - k] rank (within the window's kept list) of the kept query each pruned query copies.
 
-    A kept query copies itself; a pruned query the preferred real kept query of its window (ties to
-    the lowest rank): the most similar one ("most_similar"), the nearest in space-time ("nearest")
-    or the centre ("anchor"; also the row "none" records, whose output is 0 instead).
+    The preferred real kept query of its window (ties to the lowest rank): the most similar one
+    ("most_similar"), the nearest in space-time ("nearest") or the centre ("anchor"; also the row
+    "none" records, whose output is 0 instead).
     """
-    w = layout.window_tokens
-    local = torch.arange(w, device=kept_local.device)
     if fill == "most_similar":
-        preference = _cosines_to(windows, kept_local)
+        preference = _cosines_to(windows, pruned_local, kept_local)
     elif fill == "nearest":
-        preference = -_window_distances(layout.window, kept_local.device)[:, kept_local].movedim(0, -2)
+        distance = _window_distances(layout.window, kept_local.device)
+        preference = -distance[pruned_local[..., :, None], kept_local[..., None, :]]
     else:
         is_anchor = kept_local == layout.window_anchor[:, None]
-        preference = is_anchor.float()[..., None, :].expand(-1, -1, -1, w, -1)
-    preference = preference.masked_fill(~kept_valid[..., None, :], float("-inf"))
-    is_self = kept_local[..., None, :] == local[:, None]
-    return preference.masked_fill(is_self, float("inf")).argmax(-1)
+        preference = is_anchor.float()[..., None, :].expand(*pruned_local.shape, -1)
+    return preference.masked_fill(~kept_valid[..., None, :], float("-inf")).argmax(-1)
 
 
 def _window_distances(window: tuple[int, int, int], device) -> torch.Tensor:
@@ -206,19 +241,32 @@ def _window_distances(window: tuple[int, int, int], device) -> torch.Tensor:
     return (position[:, None] - position[None, :]).square().sum(-1)
 
 
-def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int,
-                     in_tile_order: bool) -> tuple[torch.Tensor, WindowQueries | None]:
-    """Kept window positions [B, H, n, k] in slot order, and the window queries they were scored on.
+def _value_at_positions(position: torch.Tensor, value: torch.Tensor, w: int) -> torch.Tensor:
+    """[..., w]: value[..., j] at window position position[..., j], 0 at positions not listed."""
+    local = torch.arange(w, device=position.device)
+    return ((position[..., None, :] == local[:, None]) * value[..., None, :]).sum(-1)
 
-    With k equal to the window size (keep ratio 1.0) every position is kept and nothing is
-    scored: the window queries are None.
+
+class KeptInWindows(NamedTuple):
+    """Which window positions are kept and pruned, in slot order, and the window queries they were scored on."""
+
+    kept_local: torch.Tensor  # [B, H, n, k]
+    pruned_local: torch.Tensor  # [B, H, n, w - k]
+    windows: WindowQueries | None  # None with every position kept (nothing scored)
+
+
+def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int, in_tile_order: bool) -> KeptInWindows:
+    """The kept and pruned window positions: centre first, then least similar to it.
+
+    With k equal to the window size (keep ratio 1.0) every position is kept and nothing is scored.
     """
     B, H = q.shape[:2]
     n, w = layout.num_windows, layout.window_tokens
     if k == w:
-        return torch.arange(w, device=q.device).expand(B, H, n, w), None
+        return KeptInWindows(torch.arange(w, device=q.device).expand(B, H, n, w), q.new_empty(B, H, n, 0).long(), None)
     windows = _window_queries(q, layout, in_tile_order)
-    return _kept_positions(stable_ranks(_keep_order_score(windows, layout)) < k, k), windows
+    kept = stable_ranks(_keep_order_score(windows, layout)) < k
+    return KeptInWindows(_kept_positions(kept, k), _kept_positions(~kept, w - k), windows)
 
 
 def _kept_positions(kept: torch.Tensor, k: int) -> torch.Tensor:
@@ -252,13 +300,15 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     """
     B, H = q.shape[:2]
     n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    kept_local, windows = _kept_in_windows(q, layout, k, in_tile_order)
+    kept_local, pruned_local, windows = _kept_in_windows(q, layout, k, in_tile_order)
     window_start = torch.arange(n, device=q.device)[:, None]
     kept_slot = (window_start * w + kept_local).flatten(2)
     kept_valid = layout.slot_valid[kept_slot]
-    # with every query kept, each copies itself
-    fill_rank = (kept_local if windows is None else
-                 _fill_rank(windows, kept_local, kept_valid.view(B, H, n, k), layout, fill))
+    # a kept query copies itself (with every query kept, that is all), a pruned one its fill choice
+    fill_rank = kept_local if windows is None else (
+        _value_at_positions(kept_local, torch.arange(k, device=q.device), w)
+        + _value_at_positions(pruned_local, _fill_choice(windows, pruned_local, kept_local,
+                                                         kept_valid.view(B, H, n, k), layout, fill), w))
     fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
 
     pad = video_query_rows(layout, k) - n * k
