@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (KeptQueries, Selection, compact_queries, fill_from_kept, kv_block_probs, pool_blocks, select_kv_blocks,
-                   select_queries, takes_own_output, to_tile_major, video_query_rows)
+from masks import (KeptQueries, Selection, compact_queries, fill_from_kept, kv_block_probs, pool_blocks,
+                   select_kv_blocks, select_queries, takes_own_output, to_tile_major, video_query_rows)
 
 from .config import BSAConfig
 from .paths import attend_path

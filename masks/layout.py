@@ -133,6 +133,7 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
     num_video, n_slots = math.prod(video_shape), slot_token.shape[0]
     token_slot, tile_order, tile_position = _token_maps(slot_token, slot_valid)
     block_count = slot_valid.reshape(-1, block_size).sum(1)
+    is_partial = (block_count > 0) & (block_count < block_size)
     is_text_block = np.arange(n_slots // block_size) >= text_start // block_size
 
     def as_tensor(a, dtype):
@@ -152,8 +153,7 @@ def tile_layout(video_shape: tuple[int, int, int], tile: tuple[int, int, int],
         tile_position=as_tensor(tile_position, torch.int64), window_anchor=as_tensor(anchors, torch.int64),
         kv_block_valid_count=as_tensor(block_count, torch.int64),
         kv_block_valid=as_tensor(block_count > 0, torch.bool),
-        kv_block_partial=as_tensor((block_count > 0) & (block_count < block_size), torch.bool),
-        has_partial_kv_blocks=bool(((block_count > 0) & (block_count < block_size)).any()),
+        kv_block_partial=as_tensor(is_partial, torch.bool), has_partial_kv_blocks=bool(is_partial.any()),
         kv_block_video=as_tensor((block_count > 0) & ~is_text_block, torch.bool),
         kv_block_text=as_tensor((block_count > 0) & is_text_block, torch.bool),
     )

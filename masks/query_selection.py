@@ -51,7 +51,8 @@ class _GatherKept(torch.autograd.Function):
         return torch.where(is_taken[..., None], gather_tokens(grad, row_of), 0.0), None, None, None
 
 
-def compact_queries(q: torch.Tensor, kept: KeptQueries, layout: TileLayout, in_tile_order: bool = False) -> torch.Tensor:
+def compact_queries(q: torch.Tensor, kept: KeptQueries, layout: TileLayout,
+                    in_tile_order: bool = False) -> torch.Tensor:
     """The kept queries, [B, H, S, D] -> [B, H, Nq, D], from q in sequence order (or ``in_tile_order``).
 
     Padding rows repeat a token and get no gradient (no output row copies them): each token's
@@ -59,7 +60,8 @@ def compact_queries(q: torch.Tensor, kept: KeptQueries, layout: TileLayout, in_t
     """
     index, row_of, is_taken = kept.kept_token, kept.fill_source, takes_own_output(kept)
     if in_tile_order:
-        index, row_of, is_taken = layout.tile_position[index], row_of[..., layout.tile_order], is_taken[..., layout.tile_order]
+        order = layout.tile_order
+        index, row_of, is_taken = layout.tile_position[index], row_of[..., order], is_taken[..., order]
     return _GatherKept.apply(q, index, row_of, is_taken)
 
 
@@ -263,7 +265,8 @@ def _kept_in_windows(q: torch.Tensor, layout: TileLayout, k: int, in_tile_order:
     B, H = q.shape[:2]
     n, w = layout.num_windows, layout.window_tokens
     if k == w:
-        return KeptInWindows(torch.arange(w, device=q.device).expand(B, H, n, w), q.new_empty(B, H, n, 0).long(), None)
+        nothing = torch.empty(B, H, n, 0, dtype=torch.long, device=q.device)
+        return KeptInWindows(torch.arange(w, device=q.device).expand(B, H, n, w), nothing, None)
     windows = _window_queries(q, layout, in_tile_order)
     kept = stable_ranks(_keep_order_score(windows, layout)) < k
     return KeptInWindows(_kept_positions(kept, k), _kept_positions(~kept, w - k), windows)
