@@ -48,7 +48,8 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
                            pool_blocks(k_slots, layout.slot_valid, bs), layout.kv_block_video, plan.scale)
     own = plan.static.own_kv_blocks if config.force_own_kv_blocks else None
     kv_blocks = select_kv_blocks(probs, own, layout.kv_block_video, threshold, config.kv_rule,
-                                 min_blocks=config.min_kv_blocks, max_blocks=config.max_kv_blocks)  # select KV blocks
+                                 min_blocks=config.min_kv_blocks,
+                                 max_blocks=config.kv_block_cap(layout.text_slot_start // bs))  # select KV blocks
     if layout.text_slot_start < layout.num_slots:  # non-video keys for every query, every key for non-video queries
         text_rows = q_kept.shape[2] // bs - probs.shape[-2]
         kv_blocks = torch.cat([kv_blocks | layout.kv_block_text,

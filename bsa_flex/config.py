@@ -31,7 +31,11 @@ class BSAConfig:
     pooled attention mass reaches ``kv_threshold`` (1.0 keeps all), "zscore" keeps blocks above
     mean + ``kv_zscore`` * std. The ``min_kv_blocks`` most probable blocks are always kept, and
     with ``force_own_kv_blocks`` the KV blocks of the query block's own tiles too (off, the rule
-    alone decides, as in FastVideo's BSA); ``max_kv_blocks`` (a budget) caps what the rule adds.
+    alone decides, as in FastVideo's BSA); ``max_kv_blocks`` (a budget) caps what the rule adds,
+    or ``kv_budget`` does as a fraction of the video's KV blocks (ceil(kv_budget * blocks) of them,
+    for every sequence length; at most one of the two). In fine-tuning a trained model to a
+    target sparsity, a budget of 1 - target with p about 0.9 lost half as much validation loss
+    as the same sparsity reached by a lower p without a budget (docs/training.md, 2026-12-05).
     ``fill``: the output a pruned query takes, its window's most similar kept query's
     ("most_similar"), its centre's ("anchor"), the nearest kept query's in space-time
     ("nearest"), or 0 ("none": in a residual block the token passes through unchanged).
@@ -60,6 +64,7 @@ class BSAConfig:
     window: tuple[int, int, int] = (2, 2, 2)
     min_kv_blocks: int = 1
     max_kv_blocks: int | None = None
+    kv_budget: float | None = None
     kv_rule: str = "cumulative"
     kv_zscore: float | torch.Tensor = 1.0
     fill: str = "most_similar"
@@ -77,6 +82,11 @@ class BSAConfig:
             raise ValueError(f"BSAConfig.window {self.window} must divide BSAConfig.tile {self.tile} on every axis")
         check_int("BSAConfig.min_kv_blocks", self.min_kv_blocks, 0)
         check_int("BSAConfig.max_kv_blocks", self.max_kv_blocks, 1, optional=True)
+        if self.kv_budget is not None:
+            check_real("BSAConfig.kv_budget", self.kv_budget, 0.0, 1.0, low_open=True)
+            if self.max_kv_blocks is not None:
+                raise ValueError(f"BSAConfig.kv_budget ({self.kv_budget}) and BSAConfig.max_kv_blocks "
+                                 f"({self.max_kv_blocks}) both cap the KV rule: give at most one")
         check_choice("BSAConfig.kv_rule", self.kv_rule, KV_RULES)
         check_choice("BSAConfig.fill", self.fill, FILL_POLICIES)
         check_bool("BSAConfig.force_own_kv_blocks", self.force_own_kv_blocks)
@@ -97,6 +107,13 @@ class BSAConfig:
     def keep_per_window(self) -> int:
         """Kept queries per window: ceil(query_keep_ratio * window tokens), at least 1."""
         return keep_count(self.query_keep_ratio, math.prod(self.window))
+
+    def kv_block_cap(self, video_kv_blocks: int) -> int | None:
+        """The most KV blocks the rule adds per query block, for a video of ``video_kv_blocks`` KV blocks
+        (``max_kv_blocks``, or ``kv_budget``'s share rounded up, at least 1); None without a cap."""
+        if self.kv_budget is None:
+            return self.max_kv_blocks
+        return max(1, math.ceil(self.kv_budget * video_kv_blocks - 1e-9))
 
     @property
     def kv_rule_threshold(self) -> float | torch.Tensor:

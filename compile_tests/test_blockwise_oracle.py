@@ -39,7 +39,8 @@ def test_score_mod_sees_raster_positions_on_the_blockwise_path(inputs, config):
 @settings(max_examples=40)
 @given(attention_inputs(requires_grad=True), configs())
 def test_dense_config_equals_sdpa_with_gradients(inputs, config):
-    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None)
+    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None,
+                     kv_budget=None)
     q, k, v = inputs.qkv
     out = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -66,7 +67,8 @@ def test_sparsity_counts_the_token_pairs_not_computed(inputs, config):
 
 @given(attention_inputs(), configs())
 def test_dense_config_reports_zero_sparsity(inputs, config):
-    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None)
+    config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None,
+                     kv_budget=None)
     _, stats = bsa_flex.attention(*(t.requires_grad_() for t in inputs.qkv), inputs.video_shape, config,
                                   enable_gqa=inputs.enable_gqa, return_stats=True)
     assert float(stats.sparsity) == pytest.approx(0.0, abs=1e-6)

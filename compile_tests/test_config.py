@@ -44,6 +44,7 @@ def test_lists_are_normalised_to_tuples():
     ("window", (3, 2, 2), ValueError), ("window", 2, TypeError),
     ("min_kv_blocks", -1, ValueError), ("min_kv_blocks", 1.0, TypeError),
     ("max_kv_blocks", 0, ValueError), ("max_kv_blocks", "4", TypeError),
+    ("kv_budget", 0.0, ValueError), ("kv_budget", 1.5, ValueError), ("kv_budget", "0.1", TypeError),
     ("kv_rule", "topk", ValueError), ("fill", "zero", ValueError), ("force_own_kv_blocks", 1, TypeError),
     ("block_size", 96, ValueError), ("block_size", 8, ValueError), ("block_size", 128.0, TypeError),
 ])
@@ -55,6 +56,18 @@ def test_invalid_field_raises_naming_the_field(field, value, error):
 def test_unforced_own_blocks_need_at_least_one_kv_block_per_query_block():
     with pytest.raises(ValueError, match="force_own_kv_blocks=False needs min_kv_blocks >= 1"):
         BSAConfig(force_own_kv_blocks=False, min_kv_blocks=0)
+
+
+def test_a_kv_budget_and_a_block_cap_together_are_refused():
+    with pytest.raises(ValueError, match="kv_budget.*max_kv_blocks.*at most one"):
+        BSAConfig(kv_budget=0.1, max_kv_blocks=4)
+
+
+@pytest.mark.parametrize("budget, blocks, cap", [(0.1, 64, 7), (0.1, 60, 6), (0.07, 64, 5), (0.001, 64, 1),
+                                                 (1.0, 64, 64)])
+def test_the_kv_budget_caps_its_share_of_the_video_kv_blocks_rounded_up(budget, blocks, cap):
+    assert BSAConfig(kv_budget=budget).kv_block_cap(blocks) == cap
+    assert BSAConfig(max_kv_blocks=3).kv_block_cap(blocks) == 3 and BSAConfig().kv_block_cap(blocks) is None
 
 
 def test_tensor_thresholds_are_accepted():

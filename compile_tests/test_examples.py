@@ -245,6 +245,41 @@ def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():
         assert {layer.sparsity.bsa.fill for layer in model.attention_layers} == {arm.fill}
 
 
+def test_a_budget_arm_caps_every_layer_at_its_share_of_the_kv_blocks_and_the_others_at_none():
+    frontier = _load("finetune_frontier")
+    setting = frontier.SETTINGS["gpu"]  # 64 KV blocks
+    caps = {arm.name: {layer.sparsity.bsa.max_kv_blocks for layer in frontier.build_model(
+                setting, "cpu", arm.fill, kv_budget=arm.kv_budget).attention_layers}
+            for arm in frontier.ARMS if arm.name in ("kv_0.90", "kv_0.90_budget", "kv_0.93_budget", "bsa_0.93_budget")}
+    assert caps == {"kv_0.90": {None}, "kv_0.90_budget": {6}, "kv_0.93_budget": {4}, "bsa_0.93_budget": {9}}
+
+
+def test_pre_training_with_a_weights_average_of_decay_one_ends_on_the_initial_weights():
+    frontier = _load("finetune_frontier")
+    setting = frontier.SETTINGS["tiny"]
+    torch.manual_seed(0)
+    model = frontier.build_model(setting, "cpu")
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    frontier.train_steps(model, setting, 2, 1e-2, seed=0, ema=1.0)
+    assert all(torch.equal(p, initial[name]) for name, p in model.named_parameters())
+    frontier.train_steps(model, setting, 2, 1e-2, seed=0)
+    assert not all(torch.equal(p, initial[name]) for name, p in model.named_parameters())
+
+
+def test_a_frontier_of_several_checkpoints_compares_each_arm_with_its_own_dense_arm(tmp_path):
+    frontier = _load("finetune_frontier")
+    results = ROOT / "benchmarks" / "results"
+    folders = [results / "frontier_2026-12-05_sprites", results / "frontier_2026-12-03_plain"]
+    summary = frontier.summarize(",".join(map(str, folders)), "", str(tmp_path / "no_scratch_runs"), str(tmp_path))
+    for folder in folders:
+        dense = [r["val_loss"] for r in summary["records"]
+                 if r["checkpoint"] == folder.name and r["arm"]["keep"] is None]
+        rows = [r for r in summary["rows"] if r["checkpoint"] == folder.name]
+        assert len(dense) == 3 and rows
+        assert all(r["dense_val_loss_mean"] == pytest.approx(sum(dense) / 3) for r in rows)
+    assert [c["checkpoint"] for c in summary["checkpoints"]] == [f.name for f in folders]
+
+
 @pytest.mark.parametrize("command, flag", [("pretrain", "--pretrain-steps"), ("finetune", "--finetune-steps")])
 @pytest.mark.parametrize("steps", ["0", "-5"])
 def test_fine_tune_frontier_refuses_a_run_of_no_steps_naming_the_flag(command, flag, steps, tmp_path, capsys):
@@ -270,11 +305,12 @@ def test_a_longer_fine_tune_is_a_run_of_its_own_compared_with_the_dense_arm_of_i
 
 
 def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(tmp_path):
-    """The plain-scene records and their quality_frontier.json, both written before runs had labels."""
+    """The plain-scene records, written before runs had labels, and their rows in the top-level
+    quality_frontier.json."""
     frontier = _load("finetune_frontier")
     folder = ROOT / "benchmarks" / "results" / "frontier_2026-12-03_plain"
     recorded = {r["arm"]: r["gap"] for r in json.loads((folder.parent / "quality_frontier.json").read_text())["rows"]
-                if r["regime"] == "fine-tune"}
+                if r.get("checkpoint") == folder.name}
     summary = frontier.summarize(str(folder), "", str(tmp_path / "no_scratch_runs"), str(tmp_path))
     assert {r["arm"]: r["gap"] for r in summary["rows"]} == pytest.approx(recorded)
     assert {r["finetune_steps"] for r in summary["rows"]} == {300}

@@ -1,5 +1,6 @@
 """KV sparsity: block scores, the statistical threshold, and what is always / never kept."""
 import dataclasses
+import math
 
 import torch
 from hypothesis import given, strategies as st
@@ -198,7 +199,24 @@ def test_unforced_own_blocks_leave_the_choice_to_the_rule(inputs, config):
                            layout.kv_block_valid, q_kept.shape[-1] ** -0.5)
     threshold = config.kv_rule_threshold
     expected = select_kv_blocks(probs, None, layout.kv_block_valid, torch.tensor(threshold), config.kv_rule,
-                                min_blocks=config.min_kv_blocks, max_blocks=config.max_kv_blocks)
+                                min_blocks=config.min_kv_blocks,
+                                max_blocks=config.kv_block_cap(layout.text_slot_start // bs))
     q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)  # the eager (blockwise) path: no compile
     _, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa, return_stats=True)
     assert torch.equal(stats.selection.kv_blocks[:, :, :probs.shape[-2]], expected)
+
+
+@given(attention_inputs(), configs(), st.floats(0.05, 1.0))
+def test_a_kv_budget_selects_as_the_block_cap_it_stands_for(inputs, config, budget):
+    """kv_budget=f is max_kv_blocks=ceil(f * the video's KV blocks) at every sequence length."""
+    import bsa_flex
+    layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
+    cap = max(1, math.ceil(budget * (layout.text_slot_start // config.block_size) - 1e-9))
+    selections = []
+    for capped in (dataclasses.replace(config, max_kv_blocks=None, kv_budget=budget),
+                   dataclasses.replace(config, max_kv_blocks=cap, kv_budget=None)):
+        q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)  # the eager (blockwise) path: no compile
+        _, stats = bsa_flex.attention(q, k, v, inputs.video_shape, capped, enable_gqa=inputs.enable_gqa,
+                                      return_stats=True)
+        selections.append(stats.selection.kv_blocks)
+    assert torch.equal(*selections)

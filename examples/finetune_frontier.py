@@ -6,7 +6,7 @@ space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
     python examples/finetune_frontier.py finetune --out OUT --seed 0   # every arm from the checkpoint
     python examples/finetune_frontier.py finetune --out OUT --seed 1 & ... # seeds in parallel (one GPU is enough)
     python examples/finetune_frontier.py finetune --out OUT --seed 0 --finetune-steps 1500 --arms dense,kv_0.90
-    python examples/finetune_frontier.py summarize --out OUT [--bench benchmarks/results/bench-frontier.json]
+    python examples/finetune_frontier.py summarize --out OUT[,OUT2...] [--bench benchmarks/results/bench-frontier.json]
     python examples/finetune_frontier.py concentration --out OUT       # how block-sparse the checkpoint's attention is
     python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
 
@@ -57,6 +57,7 @@ class Setting:
     pretrain_steps: int = 3000
     pretrain_lr: float = 1e-3
     pretrain_lr_final: float | None = 2e-4  # cosine decay to it over the pre-training; None: constant
+    pretrain_ema: float | None = None  # decay of the weights' moving average the checkpoint takes; None: last weights
     finetune_steps: int = 300
     finetune_lr: float = 2e-4
     scene: str = "textured"  # video_dit.SCENES
@@ -67,8 +68,9 @@ class Setting:
 
 
 SETTINGS = {
-    # 16 x 32 x 64 latents -> 16 x 16 x 32 = 8,192 tokens, 64 KV blocks of 128 per query block
-    "gpu": Setting(latent=(16, 32, 64)),
+    # 16 x 32 x 64 latents -> 16 x 16 x 32 = 8,192 tokens, 64 KV blocks of 128 per query block; the weights'
+    # average and twice the clips per step since 2026-12-05 (the checkpoints before drew blobs, not shapes)
+    "gpu": Setting(latent=(16, 32, 64), batch=8, pretrain_ema=0.999),
     "tiny": Setting(latent=(4, 16, 16), width=64, layers=2, heads=2, batch=2, block_size=16, pretrain_steps=6,
                     finetune_steps=4),
 }
@@ -79,6 +81,8 @@ class Arm:
     """One fine-tune arm: dense (keep None), or BSA at a final keep ratio, fill, windows and total sparsity.
 
     layer_keep: (layer, keep ratio) pairs replacing ``keep`` in those layers (the setting must have them).
+    kv_budget: the KV rule's cap as a fraction of the KV blocks (``BSAConfig.max_kv_blocks``), None for none;
+    with a cap the KV threshold is calibrated under it, so the cap rather than p sets most rows' block count.
     """
 
     name: str
@@ -87,6 +91,7 @@ class Arm:
     fill: str = "most_similar"
     windows: tuple[tuple[int, int, int], ...] = ()
     layer_keep: tuple[tuple[int, float], ...] = ()
+    kv_budget: float | None = None
 
 
 ARMS = [Arm("dense")]
@@ -103,28 +108,40 @@ ARMS += [Arm("bsa_0.93_space_time", 0.5, 0.93, windows=((1, 2, 2), (2, 1, 1)))]
 # block kept: keep 0.5 in layer 3 alone +4.8%, layer 1 alone +15%, layers 0 / 2 +38% / +48%, all +137%)
 ARMS += [Arm("kv_0.90_q13", 1.0, 0.90, layer_keep=((1, 0.5), (3, 0.5))),
          Arm("kv_0.93_q13", 1.0, 0.93, layer_keep=((1, 0.5), (3, 0.5)))]
+# the from-scratch KV-only arm that matched dense (-3.1%) kept p = 0.9 under a budget of about 1 - sparsity of the
+# blocks, while the fine-tune arms reach their sparsity by a low calibrated p and no budget: the same total, but
+# blocks allocated per row by the cap instead of by the mass
+ARMS += [Arm(f"kv_{s:.2f}_budget", 1.0, s, kv_budget=round(1.0 - s, 2)) for s in (0.90, 0.93)]
+ARMS += [Arm("bsa_0.93_budget", 0.5, 0.93, kv_budget=0.14)]  # keep 0.5: the KV side at 0.86
 
 
 # ----------------------------------------------------------------------------- pieces
 
-def build_model(setting: Setting, device, fill: str = "most_similar", kernel: str = "auto") -> VideoDiT:
-    """The DiT with BSA-capable attention layers of one fill rule (dense until a schedule says otherwise)."""
+def build_model(setting: Setting, device, fill: str = "most_similar", kernel: str = "auto",
+                kv_budget: float | None = None) -> VideoDiT:
+    """The DiT with BSA-capable attention layers of one fill rule and KV budget (a fraction of the KV blocks,
+    None for none), dense until a schedule says otherwise."""
+    max_blocks = None if kv_budget is None else max(1, round(kv_budget * setting.tokens / setting.block_size))
     model = VideoDiT(setting.channels, setting.patch, setting.width, setting.layers, setting.heads,
-                     BSAConfig(block_size=setting.block_size, fill=fill, kernel=kernel)).to(device)
+                     BSAConfig(block_size=setting.block_size, fill=fill, kernel=kernel,
+                               max_kv_blocks=max_blocks)).to(device)
     for layer in model.attention_layers:
         layer.set_sparsity(LayerSparsity(True, 1.0, 1.0))
     return model
 
 
 def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, schedule=None,
-                lr_final: float | None = None) -> list[float]:
+                lr_final: float | None = None, ema: float | None = None) -> list[float]:
     """``steps`` AdamW steps of flow matching on the seed's data stream and noise (learning rate ``lr``,
-    cosine-decayed to ``lr_final`` where given); the training losses."""
+    cosine-decayed to ``lr_final`` where given); the training losses. With ``ema`` the model ends holding
+    the exponential moving average of its weights (that decay per step) instead of the last weights."""
     device = next(model.parameters()).device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     decay = (None if lr_final is None else
              torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps), eta_min=lr_final))
+    params = [p for p in model.parameters() if p.requires_grad]
+    average = None if ema is None else [p.detach().clone() for p in params]
     losses = []
     for step in range(steps):
         if schedule is not None:
@@ -135,6 +152,14 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
         losses.append(float(train_step(model, optimiser, clean, noise, t, dtype)))
         if decay is not None:
             decay.step()
+        if average is not None:
+            with torch.no_grad():
+                for mean, p in zip(average, params):
+                    mean.lerp_(p, 1.0 - ema)
+    if average is not None:
+        with torch.no_grad():
+            for mean, p in zip(average, params):
+                p.copy_(mean)
     return losses
 
 
@@ -190,6 +215,7 @@ def checkpoint_setting(out: str) -> Setting:
     with open(os.path.join(out, "pretrain.json")) as f:
         fields = json.load(f)["setting"]
     fields.setdefault("pretrain_lr_final", None)  # checkpoints from before the field trained at a constant rate
+    fields.setdefault("pretrain_ema", None)  # and took the last weights
     return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
@@ -200,7 +226,7 @@ def pretrain(setting: Setting, out: str, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
     losses = train_steps(model, setting, setting.pretrain_steps, setting.pretrain_lr, seed=0,
-                         lr_final=setting.pretrain_lr_final)
+                         lr_final=setting.pretrain_lr_final, ema=setting.pretrain_ema)
     clips = validation_clips(setting, device)
     record = {"setting": dataclasses.asdict(setting), "environment": environment(device),
               "wall_s": time.perf_counter() - start, "train_loss": losses[::10],
@@ -246,7 +272,7 @@ def run_label(arm: Arm, steps: int, checkpoint_steps: int) -> str:
 def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str, label: str) -> dict:
     """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record (named ``label``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(setting, device, arm.fill, kernel)
+    model = build_model(setting, device, arm.fill, kernel, arm.kv_budget)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     clips = validation_clips(setting, device)
     record = {"arm": dataclasses.asdict(arm), "run": label, "finetune_steps": setting.finetune_steps, "seed": seed,
@@ -394,34 +420,39 @@ def scratch_rows(folder: str) -> list[dict]:
 
 def plot_frontier(rows: list[dict], path: str) -> str | None:
     """Validation-loss gap of each fine-tune arm against its total sparsity (left) and against the
-    23,296-token fwd+bwd speed-up of its split (right, arms with a bench row)."""
+    153,600-token fwd+bwd speed-up of its split (right, arms with a bench row); a colour per checkpoint."""
     plt = pyplot_or_none()
     if plt is None:
         return "matplotlib is not installed: no frontier plot"
     fig, (by_sparsity, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for r in (r for r in rows if r["regime"] == "fine-tune"):
+    fine = [r for r in rows if r["regime"] == "fine-tune"]
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.get("checkpoint", "") for r in fine))}
+    for r in fine:
         marker = "o" if r["query_keep_ratio"] == 1.0 else "s"
         spread = None if r["val_loss_std"] is None else 100 * r["val_loss_std"] / r["dense_val_loss_mean"]
-        for ax, x in ((by_sparsity, r["achieved_sparsity_mean"]), (by_speed, r["speedup_23296"])):
+        colour = colours[r.get("checkpoint", "")]
+        for ax, x in ((by_sparsity, r["achieved_sparsity_mean"]), (by_speed, r["speedup_153600"])):
             if x is not None:
-                ax.errorbar(x, 100 * r["gap"], yerr=spread, marker=marker, capsize=3)
+                ax.errorbar(x, 100 * r["gap"], yerr=spread, marker=marker, capsize=3, color=colour)
                 ax.annotate(r["arm"], (x, 100 * r["gap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, colour in colours.items():
+        by_sparsity.plot([], [], color=colour, marker="o", ls="", label=name or "fine-tune")
     for ax in (by_sparsity, by_speed):
-        ax.axhline(2.0, color="red", lw=0.8, ls="--", label="+2% (target)")
+        ax.axhline(2.0, color="red", lw=0.8, ls="--", label="+2% (target)" if ax is by_sparsity else None)
         ax.axhline(0.0, color="grey", lw=0.8)
     by_sparsity.set(xlabel="total sparsity (achieved, mean of seeds)", ylabel="validation loss vs dense (%)",
                     title="fine-tune: quality against sparsity")
-    by_speed.set(xlabel="fwd+bwd attention speed-up over SDPA of the split at 23,296 tokens",
+    by_speed.set(xlabel="fwd+bwd attention speed-up over SDPA of the split at 153,600 tokens",
                  title="quality against speed (circles: KV only, squares: keep 0.5)")
-    by_sparsity.legend()
+    by_sparsity.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
 
 
-def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
-    """quality_frontier.json, frontier.png and samples.png from the seeds' records under ``out``."""
+def checkpoint_rows(out: str, speedups: dict) -> tuple[list[dict], list[dict], dict]:
+    """The fine-tune rows and records of the checkpoint under ``out`` (each tagged with it), and its facts."""
     records, environments = [], []
     for path in sorted(glob.glob(os.path.join(out, "arms_seed*.json"))):
         saved = load_arms_file(path)
@@ -429,24 +460,45 @@ def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
         environments.append(saved["environment"])
     if not records:
         raise SystemExit(f"no arms_seed*.json under {out}: run finetune first")
-    rows = frontier_rows(records, bench_speedups(bench.split(","))) + scratch_rows(scratch)
     with open(os.path.join(out, "pretrain.json")) as f:
         pretrained = json.load(f)
-    summary = {"rows": rows, "environment": environments[0], "setting": pretrained["setting"],
-               "pretrain_val_loss": pretrained["val_loss"], "bench": bench,
-               "records": [{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss", "sparsity_at_start",
-                                              "sparsity_at_end", "kv_threshold", "wall_s") if k in r}
-                           for r in records]}
+    name = os.path.basename(os.path.normpath(out))
+    rows = [{**row, "checkpoint": name, "scene": pretrained["setting"]["scene"]}
+            for row in frontier_rows(records, speedups)]
+    kept = [{"checkpoint": name, **{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss",
+                                                     "sparsity_at_start", "sparsity_at_end", "kv_threshold",
+                                                     "wall_s") if k in r}} for r in records]
+    facts = {"checkpoint": name, "setting": pretrained["setting"], "pretrain_val_loss": pretrained["val_loss"],
+             "environment": environments[0]}
+    return rows, kept, facts
+
+
+def summarize(out: str, bench: str | None, scratch: str, results: str) -> dict:
+    """quality_frontier.json, frontier.png and samples.png from the seeds' records under ``out`` (one folder, or
+    several comma-separated: one checkpoint each, every arm compared with its own checkpoint's dense arm)."""
+    speedups = bench_speedups(bench.split(","))
+    rows, records, checkpoints = [], [], []
+    for folder in out.split(","):
+        folder_rows, folder_records, facts = checkpoint_rows(folder, speedups)
+        rows, records, checkpoints = rows + folder_rows, records + folder_records, checkpoints + [facts]
+    rows += scratch_rows(scratch)
+    first = checkpoints[0]
+    summary = {"rows": rows, "environment": first["environment"], "setting": first["setting"],
+               "pretrain_val_loss": first["pretrain_val_loss"], "checkpoints": checkpoints, "bench": bench,
+               "records": records}
     os.makedirs(results, exist_ok=True)
     with open(os.path.join(results, "quality_frontier.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    notes = [plot_frontier(rows, os.path.join(results, "frontier.png")), samples_grid(out, rows, results)]
-    print(f"{'regime':>9} {'arm':>24} {'keep':>5} {'sparsity':>8} {'val loss':>16} {'gap':>7} {'x23K':>6} {'x153K':>6}")
+    notes = [plot_frontier(rows, os.path.join(results, "frontier.png")),
+             samples_grid(out.split(",")[0], [r for r in rows if r.get("checkpoint") == first["checkpoint"]],
+                          results)]
+    print(f"{'checkpoint':>28} {'arm':>24} {'keep':>5} {'sparsity':>8} {'val loss':>16} {'gap':>7} {'x23K':>6} "
+          f"{'x153K':>6}")
     for r in rows:
         spread = "" if r["val_loss_std"] is None else f"+-{r['val_loss_std']:.4f}"
-        print(f"{r['regime']:>9} {r['arm']:>24} {r['query_keep_ratio']:5.2f} {r['achieved_sparsity_mean']:8.3f} "
-              f"{r['val_loss_mean']:.4f}{spread:>9} {r['gap']:+7.2%} {r['speedup_23296'] or float('nan'):6.2f} "
-              f"{r['speedup_153600'] or float('nan'):6.2f}")
+        print(f"{r.get('checkpoint', r['regime']):>28} {r['arm']:>24} {r['query_keep_ratio']:5.2f} "
+              f"{r['achieved_sparsity_mean']:8.3f} {r['val_loss_mean']:.4f}{spread:>9} {r['gap']:+7.2%} "
+              f"{r['speedup_23296'] or float('nan'):6.2f} {r['speedup_153600'] or float('nan'):6.2f}")
     for note in filter(None, notes):
         print(note)
     return summary
@@ -469,7 +521,8 @@ def samples_grid(out: str, rows: list[dict], results: str) -> str | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["pretrain", "finetune", "summarize", "concentration"])
-    parser.add_argument("--out", required=True, help="folder of the checkpoint and the arms' records")
+    parser.add_argument("--out", required=True, help="folder of the checkpoint and the arms' records (summarize: "
+                                                     "several, comma-separated, one checkpoint each)")
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
