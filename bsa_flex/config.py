@@ -34,7 +34,7 @@ class BSAConfig:
     alone decides, as in FastVideo's BSA); ``max_kv_blocks`` (a budget) caps what the rule adds,
     or ``kv_budget`` does as a fraction of the video's KV blocks (ceil(kv_budget * blocks) of them,
     for every sequence length; at most one of the two). In fine-tuning a trained model to a
-    target sparsity, a budget of 1 - target with p about 0.9 lost half as much validation loss
+    target sparsity, a budget of 1 - target (p 0.95-0.98) lost half as much validation loss
     as the same sparsity reached by a lower p without a budget (docs/training.md, 2026-12-05).
     ``fill``: the output a pruned query takes, its window's most similar kept query's
     ("most_similar"), its centre's ("anchor"), the nearest kept query's in space-time
