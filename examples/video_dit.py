@@ -359,15 +359,21 @@ def plot_losses(records: list[dict], path: str) -> str | None:
 
 
 def plot_samples(rows: dict[str, torch.Tensor], path: str, frames: int = 6) -> str | None:
-    """A grid: one row per source (data, each arm), ``frames`` frames of the first clip, channels 0-2 as RGB."""
+    """A grid: one row per source (data, each arm), ``frames`` frames of the first clip, channels 0-2 as RGB.
+
+    Every row is drawn on the first row's scale (per channel, its range; values beyond it clipped), so that
+    a sample's contrast reads against the data's, and a few outlying values cannot grey out a whole row.
+    """
     plt = pyplot_or_none()
     if plt is None:
         return "matplotlib is not installed: no sample grid written"
-    frames = min(frames, next(iter(rows.values())).shape[2])
+    reference = next(iter(rows.values()))[0, :3].float().cpu()
+    low = reference.amin((1, 2, 3), keepdim=True)
+    span = (reference.amax((1, 2, 3), keepdim=True) - low).clamp_min(1e-6)
+    frames = min(frames, reference.shape[1])
     fig, axes = plt.subplots(len(rows), frames, figsize=(1.6 * frames, 1.7 * len(rows)), squeeze=False)
     for r, (name, clip) in enumerate(rows.items()):
-        video = clip[0, :3].float().cpu()
-        video = (video - video.amin()) / (video.amax() - video.amin()).clamp_min(1e-6)
+        video = ((clip[0, :3].float().cpu() - low) / span).clamp(0.0, 1.0)
         picks = torch.linspace(0, video.shape[1] - 1, frames).round().long()
         for c, f in enumerate(picks.tolist()):
             axes[r, c].imshow(video[:, f].permute(1, 2, 0).numpy())
