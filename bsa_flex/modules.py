@@ -71,7 +71,8 @@ class SparsityControl:
 
     The KV threshold is one float32 tensor owned here and updated in place, so a compiled model
     never recompiles for it; the keep ratio is rounded to a whole number of kept queries per
-    window, with one config object per (window, count) (each, and the dense mode, compiles once).
+    window, with one config object per (window, count, KV budget) (each, and the dense mode,
+    compiles once).
     """
 
     def __init__(self, bsa: BSAConfig | None):
@@ -83,14 +84,15 @@ class SparsityControl:
         if bsa is not None:
             self.threshold = torch.tensor(float(bsa.kv_threshold), dtype=torch.float32)
             self._configs: dict[tuple, BSAConfig] = {}
-            self._config = self._config_for(bsa.window, bsa.keep_per_window)
+            self._config = self._config_for(bsa.window, bsa.keep_per_window, bsa.kv_budget)
 
-    def _config_for(self, window: tuple[int, int, int], kept_per_window: int) -> BSAConfig:
-        if (window, kept_per_window) not in self._configs:
+    def _config_for(self, window: tuple[int, int, int], kept_per_window: int, kv_budget: float | None) -> BSAConfig:
+        key = window, kept_per_window, kv_budget
+        if key not in self._configs:
             ratio = kept_per_window / math.prod(window)
-            self._configs[window, kept_per_window] = dataclasses.replace(
-                self.bsa, window=window, query_keep_ratio=ratio, kv_threshold=self.threshold)
-        return self._configs[window, kept_per_window]
+            self._configs[key] = dataclasses.replace(self.bsa, window=window, query_keep_ratio=ratio,
+                                                     kv_threshold=self.threshold, kv_budget=kv_budget)
+        return self._configs[key]
 
     @property
     def config(self) -> BSAConfig | None:
@@ -100,14 +102,15 @@ class SparsityControl:
     def to(self, device) -> None:
         """Move the threshold (kept float32) and rebind the configs to it."""
         if self.bsa is not None and self.threshold.device != torch.device(device):
-            window, kept = self._config.window, self._config.keep_per_window
+            config = self._config
             self.threshold = self.threshold.to(device)
             self._configs = {}
-            self._config = self._config_for(window, kept)
+            self._config = self._config_for(config.window, config.keep_per_window, config.kv_budget)
 
     def set_sparsity(self, setting: LayerSparsity) -> None:
         """Dense, or BSA at a window (None: the layer's), a keep ratio (rounded to whole kept queries per
-        window) and a KV threshold. A window that does not divide the layer's tile is a ValueError."""
+        window), a KV threshold and a KV budget (None: the layer's). A window that does not divide the
+        layer's tile, or a budget on a layer capped by ``max_kv_blocks``, is a ValueError."""
         if setting.dense:
             self.dense = True
             return
@@ -116,13 +119,18 @@ class SparsityControl:
         if self.bsa.kv_rule != "cumulative":
             raise ValueError(f"the schedule sets kv_threshold, which kv_rule={self.bsa.kv_rule!r} does not use: "
                              f"build the layer with kv_rule='cumulative'")
-        if not 0.0 < setting.kv_threshold <= 1.0 or not 0.0 < setting.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio and kv_threshold must lie in (0, 1], got {setting}")
+        budget = self.bsa.kv_budget if setting.kv_budget is None else setting.kv_budget
+        fractions = (setting.kv_threshold, setting.keep_ratio, 1.0 if budget is None else budget)
+        if not all(0.0 < x <= 1.0 for x in fractions):
+            raise ValueError(f"keep_ratio, kv_threshold and kv_budget must lie in (0, 1], got {setting}")
+        if budget is not None and self.bsa.max_kv_blocks is not None:
+            raise ValueError(f"kv_budget {budget}: this layer caps its KV blocks with max_kv_blocks="
+                             f"{self.bsa.max_kv_blocks}; build it with kv_budget instead to let a schedule set it")
         window = self.bsa.window if setting.window is None else check_triple("window", setting.window)
         if any(t % w for t, w in zip(self.bsa.tile, window)):
             raise ValueError(f"window {window} must divide this layer's tile {self.bsa.tile} on every axis")
         self.dense = False
-        self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)))
+        self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)), budget)
         self.threshold.fill_(setting.kv_threshold)
 
     def attention(self, q, k, v, video_shape, token_order: str = "raster") -> torch.Tensor:
@@ -150,8 +158,8 @@ class BSAttention(nn.Module):
     ``F.scaled_dot_product_attention``). ``kv_heads`` < ``heads`` is grouped-query attention.
     ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
 
-    :meth:`set_sparsity` switches between dense and BSA and sets the query keep ratio and the
-    KV threshold (what :class:`SparsitySchedule` calls each step; see :class:`SparsityControl`
+    :meth:`set_sparsity` switches between dense and BSA and sets the query keep ratio, the
+    KV threshold and the KV budget (what :class:`SparsitySchedule` calls each step; see :class:`SparsityControl`
     for what recompiles). After each BSA forward, ``last_stats`` holds the achieved sparsity
     and kept-query fraction as device tensors.
     """

@@ -8,7 +8,7 @@ from .validation import check_choice, check_int, check_real, check_triple, is_in
 
 __all__ = ["LayerSparsity", "SparsitySchedule"]
 
-_OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "dense", "window")
+_OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "final_kv_budget", "dense", "window")
 WINDOW_ALTERNATION = ("layer", "step")
 
 
@@ -19,6 +19,7 @@ class LayerSparsity(NamedTuple):
     keep_ratio: float  # BSA query keep ratio (ignored when dense)
     kv_threshold: float  # BSA KV threshold (ignored when dense)
     window: tuple[int, int, int] | None = None  # BSA query window; None: the layer's own
+    kv_budget: float | None = None  # BSA KV budget (share of the KV blocks); None: the layer's own
 
 
 def _check_fraction(name: str, value) -> None:
@@ -31,14 +32,16 @@ def _check_count(name: str, value, low: int) -> None:
 
 @dataclass(frozen=True)
 class SparsitySchedule:
-    """Per step and layer: dense, or BSA with a query keep ratio and a KV threshold.
+    """Per step and layer: dense, or BSA with a query keep ratio, a KV threshold and a KV budget.
 
     Steps ``0 .. dense_steps - 1`` run full attention everywhere (warm-up), and the first
     ``dense_layers`` layers run it at every step. After the warm-up both knobs move linearly
     from ``start_*`` to ``final_*`` over ``ramp_steps`` steps, changing only every ``every``
     steps (stairs; the paper's recipe raises sparsity by 0.03 every 30 steps up to 0.9).
     ``layer_overrides`` maps a layer index to replacements of ``final_keep_ratio``,
-    ``final_kv_threshold``, ``dense`` or ``window``.
+    ``final_kv_threshold``, ``final_kv_budget``, ``dense`` or ``window``. With ``final_kv_budget``
+    the KV budget (``BSAConfig.kv_budget``) ramps too, from ``start_kv_budget``; None leaves
+    each layer's own.
 
     Space/time strategies: ``windows`` (query windows, each dividing the layers' tile) cycles
     by layer (``alternate="layer"``: layer i uses ``windows[i % n]``) or by stair
@@ -50,7 +53,8 @@ class SparsitySchedule:
     tensor updated in place, so its ramp never recompiles; the keep ratio sets a shape (the
     number of kept queries), so each distinct kept count per window compiles once (at most
     one graph per count between start and final, e.g. 5 for 8 -> 4 in 2x2x2 windows), and so
-    does the switch from dense to sparse, and each window. Revisiting a value reuses its graph.
+    does the switch from dense to sparse, each window and each KV budget (a cap on a count of
+    blocks: one graph per stair). Revisiting a value reuses its graph.
     """
 
     final_keep_ratio: float = 1.0  # as BSAConfig(): the KV side alone (docs/training.md); the paper's is 0.5
@@ -60,14 +64,19 @@ class SparsitySchedule:
     every: int = 30
     start_keep_ratio: float = 1.0
     start_kv_threshold: float = 1.0
+    final_kv_budget: float | None = None
+    start_kv_budget: float = 1.0
     dense_layers: int = 0
     layer_overrides: Mapping[int, Mapping[str, float | bool | tuple]] = field(default_factory=dict)
     windows: tuple[tuple[int, int, int], ...] = ()
     alternate: str = "layer"
 
     def __post_init__(self):
-        for name in ("final_keep_ratio", "final_kv_threshold", "start_keep_ratio", "start_kv_threshold"):
+        for name in ("final_keep_ratio", "final_kv_threshold", "start_keep_ratio", "start_kv_threshold",
+                     "start_kv_budget"):
             _check_fraction(name, getattr(self, name))
+        if self.final_kv_budget is not None:
+            _check_fraction("final_kv_budget", self.final_kv_budget)
         _check_count("dense_steps", self.dense_steps, 0)
         _check_count("ramp_steps", self.ramp_steps, 0)
         _check_count("every", self.every, 1)
@@ -87,7 +96,7 @@ class SparsitySchedule:
             if unknown:
                 raise ValueError(f"SparsitySchedule.layer_overrides[{layer}] has unknown keys {sorted(unknown)}; "
                                  f"allowed: {_OVERRIDABLE}")
-            for name in ("final_keep_ratio", "final_kv_threshold"):
+            for name in ("final_keep_ratio", "final_kv_threshold", "final_kv_budget"):
                 if name in override:
                     _check_fraction(f"layer_overrides[{layer}][{name!r}]", override[name])
             if "dense" in override and not isinstance(override["dense"], bool):
@@ -113,10 +122,13 @@ class SparsitySchedule:
         t = self.progress(step)
         final_keep = override.get("final_keep_ratio", self.final_keep_ratio)
         final_threshold = override.get("final_kv_threshold", self.final_kv_threshold)
+        final_budget = override.get("final_kv_budget", self.final_kv_budget)
         return LayerSparsity(dense=dense,
                              keep_ratio=self.start_keep_ratio + t * (final_keep - self.start_keep_ratio),
                              kv_threshold=self.start_kv_threshold + t * (final_threshold - self.start_kv_threshold),
-                             window=override.get("window", self.window_at(step, layer)))
+                             window=override.get("window", self.window_at(step, layer)),
+                             kv_budget=None if final_budget is None else
+                             self.start_kv_budget + t * (final_budget - self.start_kv_budget))
 
     def window_at(self, step: int, layer: int) -> tuple[int, int, int] | None:
         """The query window of ``windows`` for (step, layer), or None (the layer's own) without any."""

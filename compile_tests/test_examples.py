@@ -254,6 +254,17 @@ def test_a_budget_arm_caps_every_layer_at_its_share_of_the_kv_blocks_and_the_oth
     assert caps == {"kv_0.90": {None}, "kv_0.90_budget": {6}, "kv_0.93_budget": {4}, "bsa_0.93_budget": {9}}
 
 
+def test_a_budget_ramp_arm_starts_uncapped_and_ends_at_its_budget_in_every_layer():
+    frontier = _load("finetune_frontier")
+    arm = next(a for a in frontier.ARMS if a.name == "kv_0.93_budget_ramp")
+    model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu", arm.fill)
+    schedule = frontier.schedule_for(arm, 0.9, 300)
+    for step, budget in ((0, 1.0), (10**6, 4 / 64)):
+        schedule.apply(model.attention_layers, step)
+        assert {layer.config.kv_budget for layer in model.attention_layers} == {budget}
+        assert {layer.config.max_kv_blocks for layer in model.attention_layers} == {None}
+
+
 def test_pre_training_with_a_weights_average_of_decay_one_ends_on_the_initial_weights():
     frontier = _load("finetune_frontier")
     setting = frontier.SETTINGS["tiny"]

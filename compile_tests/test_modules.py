@@ -90,6 +90,25 @@ def test_threshold_is_one_float32_tensor_updated_in_place_even_after_a_dtype_cas
     assert layer.config.kv_threshold is tensor and float(tensor) == 0.8125
 
 
+def test_a_kv_budget_setting_has_one_config_per_value_and_none_keeps_the_layers_own():
+    layer = _layer(bsa=BSAConfig(block_size=16, kv_budget=0.5))
+    layer.set_sparsity(LayerSparsity(False, 1.0, 0.9, kv_budget=0.25))
+    quarter = layer.config
+    assert quarter.kv_budget == 0.25
+    layer.set_sparsity(LayerSparsity(False, 1.0, 0.9))
+    assert layer.config.kv_budget == 0.5
+    layer.set_sparsity(LayerSparsity(False, 1.0, 0.7, kv_budget=0.25))
+    assert layer.config is quarter and float(quarter.kv_threshold) == pytest.approx(0.7)
+
+
+def test_a_kv_budget_setting_on_a_layer_capped_by_a_block_count_or_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="max_kv_blocks=2"):
+        capped = _layer(bsa=BSAConfig(block_size=16, max_kv_blocks=2))
+        capped.set_sparsity(LayerSparsity(False, 1.0, 0.9, kv_budget=0.5))
+    with pytest.raises(ValueError, match="kv_budget must lie in"):
+        _layer().set_sparsity(LayerSparsity(False, 1.0, 0.9, kv_budget=0.0))
+
+
 class _UpcastingNorm(torch.nn.Module):
     """What CUDA autocast does to a norm: the result comes back in float32."""
 
@@ -204,6 +223,16 @@ def test_schedule_steps_under_a_compiled_model_recompile_only_when_the_structure
         if structure[step] == structure[step - 1]:
             assert new_graphs[step] == 0, f"step {step} recompiled with the structure unchanged"
     assert sum(new_graphs) <= len(set(structure))
+
+
+def test_a_kv_budget_ramp_under_a_compiled_model_compiles_once_per_stair_and_matches_eager():
+    """The budget is a cap on a count (a constant of the graph): each stair compiles once, the threshold
+    moving every step between them does not; checked against eager at every step."""
+    schedule = SparsitySchedule(final_kv_budget=0.25, final_kv_threshold=0.6, start_kv_threshold=0.95,
+                                ramp_steps=4, every=2)
+    new_graphs, configs = _graphs_per_step(schedule, 8)
+    assert [config.kv_budget for config in configs] == pytest.approx([1.0, 1.0, 0.625, 0.625, 0.25, 0.25, 0.25, 0.25])
+    assert [n > 0 for n in new_graphs] == [True, False, True, False, True, False, False, False]
 
 
 def test_alternating_windows_under_a_compiled_model_compile_once_each_and_are_reused():

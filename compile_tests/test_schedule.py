@@ -88,6 +88,9 @@ def test_the_papers_recipe_raises_sparsity_every_30_steps():
     ({"windows": ((1, 2, 2), (0, 1, 1))}, ValueError, r"windows\[1\]"),
     ({"windows": (1, 2, 2)}, TypeError, r"windows\[0\]"),
     ({"alternate": "frame"}, ValueError, "alternate"),
+    ({"final_kv_budget": 0.0}, ValueError, "final_kv_budget"),
+    ({"start_kv_budget": 1.5}, ValueError, "start_kv_budget"),
+    ({"layer_overrides": {0: {"final_kv_budget": "0.1"}}}, TypeError, "final_kv_budget"),
 ])
 def test_invalid_schedules_are_rejected_naming_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -111,3 +114,16 @@ def test_windows_alternate_by_stair_after_the_warm_up():
 
 def test_without_windows_every_layer_keeps_its_own():
     assert SparsitySchedule().at(3, 2).window is None
+
+
+def test_without_a_final_kv_budget_no_layer_is_given_one():
+    assert SparsitySchedule(final_keep_ratio=0.5, ramp_steps=60).at(30, 0).kv_budget is None
+
+
+def test_a_kv_budget_ramps_in_the_same_stairs_and_a_layer_override_replaces_its_final_value():
+    schedule = SparsitySchedule(final_kv_budget=0.1, final_kv_threshold=0.9, ramp_steps=90, every=30,
+                                layer_overrides={1: {"final_kv_budget": 0.4}})
+    assert [schedule.at(step, 0).kv_budget for step in (0, 29, 30, 60, 90, 500)] == pytest.approx(
+        [1.0, 1.0, 0.7, 0.4, 0.1, 0.1])
+    assert [schedule.at(step, 0).kv_threshold for step in (29, 30)] == pytest.approx([1.0, 29 / 30])
+    assert schedule.at(90, 1).kv_budget == pytest.approx(0.4)

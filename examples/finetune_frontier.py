@@ -81,8 +81,11 @@ class Arm:
     """One fine-tune arm: dense (keep None), or BSA at a final keep ratio, fill, windows and total sparsity.
 
     layer_keep: (layer, keep ratio) pairs replacing ``keep`` in those layers (the setting must have them).
-    kv_budget: the KV rule's cap as a fraction of the KV blocks (``BSAConfig.max_kv_blocks``), None for none;
-    with a cap the KV threshold is calibrated under it, so the cap rather than p sets most rows' block count.
+    kv_budget: the KV rule's cap as a fraction of the KV blocks (``BSAConfig.max_kv_blocks``, rounded to the
+    nearest count), None for none; with a cap the KV threshold is calibrated under it, so the cap rather than p
+    sets most rows' block count. budget_ramp: the cap comes down in the arm's stairs from every block
+    (``SparsitySchedule.final_kv_budget``, ``BSAConfig.kv_budget``: rounded up) instead of holding from the
+    first step.
     """
 
     name: str
@@ -92,6 +95,7 @@ class Arm:
     windows: tuple[tuple[int, int, int], ...] = ()
     layer_keep: tuple[tuple[int, float], ...] = ()
     kv_budget: float | None = None
+    budget_ramp: bool = False
 
 
 ARMS = [Arm("dense")]
@@ -113,6 +117,7 @@ ARMS += [Arm("kv_0.90_q13", 1.0, 0.90, layer_keep=((1, 0.5), (3, 0.5))),
 # blocks allocated per row by the cap instead of by the mass
 ARMS += [Arm(f"kv_{s:.2f}_budget", 1.0, s, kv_budget=round(1.0 - s, 2)) for s in (0.90, 0.93)]
 ARMS += [Arm("bsa_0.93_budget", 0.5, 0.93, kv_budget=0.14)]  # keep 0.5: the KV side at 0.86
+ARMS += [Arm("kv_0.93_budget_ramp", 1.0, 0.93, kv_budget=4 / 64, budget_ramp=True)]  # kv_0.93_budget's 4, in stairs
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -186,6 +191,7 @@ def schedule_for(arm: Arm, threshold: float, steps: int) -> SparsitySchedule:
     """The arm's ramp: stairs every 30 steps (or steps/10) over the first 60% of the steps."""
     ramp = int(0.6 * steps)
     return SparsitySchedule(final_keep_ratio=arm.keep, final_kv_threshold=threshold, ramp_steps=ramp,
+                            final_kv_budget=arm.kv_budget if arm.budget_ramp else None,
                             every=max(1, min(30, ramp // 10)), start_keep_ratio=max(arm.keep, 0.75),
                             windows=arm.windows,
                             layer_overrides={layer: {"final_keep_ratio": keep} for layer, keep in arm.layer_keep})
@@ -272,7 +278,7 @@ def run_label(arm: Arm, steps: int, checkpoint_steps: int) -> str:
 def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str, label: str) -> dict:
     """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record (named ``label``)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(setting, device, arm.fill, kernel, arm.kv_budget)
+    model = build_model(setting, device, arm.fill, kernel, None if arm.budget_ramp else arm.kv_budget)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     clips = validation_clips(setting, device)
     record = {"arm": dataclasses.asdict(arm), "run": label, "finetune_steps": setting.finetune_steps, "seed": seed,
