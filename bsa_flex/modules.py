@@ -159,8 +159,8 @@ class BSAttention(nn.Module):
     ``rope`` is None or a callable ``(q, k, video_shape) -> (q, k)``, e.g. :func:`rope_3d`.
 
     :meth:`set_sparsity` switches between dense and BSA and sets the query keep ratio, the
-    KV threshold and the KV budget (what :class:`SparsitySchedule` calls each step; see :class:`SparsityControl`
-    for what recompiles). After each BSA forward, ``last_stats`` holds the achieved sparsity
+    KV threshold and the KV budget (what :class:`SparsitySchedule` calls each step; see
+    :class:`SparsityControl` for what recompiles). After each BSA forward, ``last_stats`` holds the achieved sparsity
     and kept-query fraction as device tensors.
     """
 
