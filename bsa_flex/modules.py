@@ -14,7 +14,7 @@ from .attention import TOKEN_ORDERS, attention
 from .config import BSAConfig, keep_count
 from .order import tile_positions
 from .schedule import LayerSparsity
-from .validation import check_choice, check_triple, is_integer
+from .validation import check_choice, check_real, check_triple, is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -119,10 +119,10 @@ class SparsityControl:
         if self.bsa.kv_rule != "cumulative":
             raise ValueError(f"the schedule sets kv_threshold, which kv_rule={self.bsa.kv_rule!r} does not use: "
                              f"build the layer with kv_rule='cumulative'")
+        for name in ("keep_ratio", "kv_threshold", "kv_budget"):
+            if getattr(setting, name) is not None:
+                check_real(f"LayerSparsity.{name}", getattr(setting, name), 0.0, 1.0, low_open=True)
         budget = self.bsa.kv_budget if setting.kv_budget is None else setting.kv_budget
-        fractions = (setting.kv_threshold, setting.keep_ratio, 1.0 if budget is None else budget)
-        if not all(0.0 < x <= 1.0 for x in fractions):
-            raise ValueError(f"keep_ratio, kv_threshold and kv_budget must lie in (0, 1], got {setting}")
         if budget is not None and self.bsa.max_kv_blocks is not None:
             raise ValueError(f"kv_budget {budget}: this layer caps its KV blocks with max_kv_blocks="
                              f"{self.bsa.max_kv_blocks}; build it with kv_budget instead to let a schedule set it")

@@ -105,8 +105,10 @@ def test_a_kv_budget_setting_on_a_layer_capped_by_a_block_count_or_out_of_range_
     with pytest.raises(ValueError, match="max_kv_blocks=2"):
         capped = _layer(bsa=BSAConfig(block_size=16, max_kv_blocks=2))
         capped.set_sparsity(LayerSparsity(False, 1.0, 0.9, kv_budget=0.5))
-    with pytest.raises(ValueError, match="kv_budget must lie in"):
+    with pytest.raises(ValueError, match=r"LayerSparsity.kv_budget must be a finite number in \(0.0, 1.0\]"):
         _layer().set_sparsity(LayerSparsity(False, 1.0, 0.9, kv_budget=0.0))
+    with pytest.raises(TypeError, match="LayerSparsity.keep_ratio must be a float"):
+        _layer().set_sparsity(LayerSparsity(False, "0.5", 0.9))
 
 
 class _UpcastingNorm(torch.nn.Module):
