@@ -86,6 +86,28 @@ def _layout_4x8x8():
     return tile_layout((4, 8, 8), (4, 4, 4), (2, 2, 2), 16, torch.device("cpu"))  # 256 tokens, 16 KV blocks
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_time_shift_keeps_both_ends_and_the_order_and_moves_times_toward_noise_above_one(shift):
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    moved = dit.shift_time(t, shift)
+    assert moved[0] == 0 and moved[-1] == 1 and bool((moved.diff() > 0).all())
+    assert torch.allclose(moved, t) if shift == 1.0 else bool(((moved > t) == (shift > 1))[1:-1].all())
+
+
+@pytest.mark.parametrize("shift", [1.0, 4.0])
+def test_the_sampler_integrates_a_straight_flow_to_its_data_end_whatever_the_shift(shift):
+    data, noise = torch.randn(2, 1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    straight = lambda x, t: noise - data  # noqa: E731  the velocity of x_t = (1 - t) data + t noise
+    assert torch.allclose(dit.sample(straight, noise, 7, torch.float32, shift=shift), data, atol=1e-6)
+
+
+def test_shifted_training_times_are_the_unshifted_draw_moved_toward_noise():
+    noise, t = dit.step_noise(3, (64, 1), "cpu", salt=2)
+    shifted_noise, shifted = dit.step_noise(3, (64, 1), "cpu", salt=2, shift=3.0)
+    assert torch.equal(noise, shifted_noise) and torch.allclose(shifted, dit.shift_time(t, 3.0))
+    assert float(shifted.mean()) > float(t.mean())
+
+
 def test_top_kv_block_mass_of_uniform_attention_is_the_fraction_of_blocks_kept():
     q = torch.zeros(1, 2, 256, 8)
     mass = dit.top_kv_block_mass(q, torch.randn(1, 2, 256, 8), _layout_4x8x8(), 0.1, 1.0)
@@ -330,9 +352,10 @@ def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(t
 def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_constant_rate(tmp_path):
     frontier = _load("finetune_frontier")
     fields = dataclasses.asdict(frontier.SETTINGS["tiny"])
-    del fields["pretrain_lr_final"]
+    del fields["pretrain_lr_final"], fields["time_shift"]
     (tmp_path / "pretrain.json").write_text(json.dumps({"setting": fields}))
     assert frontier.checkpoint_setting(str(tmp_path)).pretrain_lr_final is None
+    assert frontier.checkpoint_setting(str(tmp_path)).time_shift == 1.0
     assert frontier.SETTINGS["gpu"].pretrain_lr_final == frontier.SETTINGS["gpu"].finetune_lr
 
 

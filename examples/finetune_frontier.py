@@ -61,6 +61,7 @@ class Setting:
     finetune_steps: int = 300
     finetune_lr: float = 2e-4
     scene: str = "textured"  # video_dit.SCENES
+    time_shift: float = 1.0  # video_dit.shift_time of the training times and of the sampler's steps
 
     @property
     def tokens(self) -> int:
@@ -159,7 +160,7 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
             schedule.apply(model.attention_layers, step)
         clean = make_clips([seed * 1_000_000 + step * setting.batch + i for i in range(setting.batch)],
                            *setting.latent, setting.channels, device, scene=setting.scene)
-        noise, t = step_noise(step, clean.shape, device, salt=seed)
+        noise, t = step_noise(step, clean.shape, device, salt=seed, shift=setting.time_shift)
         losses.append(float(train_step(model, optimiser, clean, noise, t, dtype)))
         if decay is not None:
             decay.step()
@@ -228,6 +229,7 @@ def checkpoint_setting(out: str) -> Setting:
         fields = json.load(f)["setting"]
     fields.setdefault("pretrain_lr_final", None)  # checkpoints from before the field trained at a constant rate
     fields.setdefault("pretrain_ema", None)  # and took the last weights
+    fields.setdefault("time_shift", 1.0)  # and drew unshifted times
     return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
@@ -245,7 +247,7 @@ def pretrain(setting: Setting, out: str, device) -> dict:
               "val_loss": validation_loss(model, clips, dtype),
               "concentration": concentration_record(model, setting, clips, dtype)}
     torch.save(model.state_dict(), os.path.join(out, "dense.pt"))
-    save_samples(model, clips, dtype, os.path.join(out, "samples_pretrained.pt"), "pretrained")
+    save_samples(model, clips, dtype, os.path.join(out, "samples_pretrained.pt"), "pretrained", setting.time_shift)
     with open(os.path.join(out, "pretrain.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
@@ -270,11 +272,12 @@ def measure_concentration(out: str, device) -> dict:
     return record
 
 
-def save_samples(model, clips, dtype, path: str, name: str) -> None:
-    """Euler steps (``SAMPLE_STEPS``) from fixed noise for the validation batch (its shape: no new graph); the
-    first clip."""
+def save_samples(model, clips, dtype, path: str, name: str, shift: float) -> None:
+    """Euler steps (``SAMPLE_STEPS``, moved by the training's time ``shift``) from fixed noise for the validation
+    batch (its shape: no new graph); the first clip."""
     noise, _ = step_noise(30_000_000, clips.shape, clips.device, salt=5)
-    torch.save({"data": clips[:1].cpu(), name: sample(model, noise, SAMPLE_STEPS, dtype)[:1].cpu()}, path)
+    x = sample(model, noise, SAMPLE_STEPS, dtype, shift=shift)
+    torch.save({"data": clips[:1].cpu(), name: x[:1].cpu()}, path)
 
 
 def run_label(arm: Arm, steps: int, checkpoint_steps: int) -> str:
@@ -303,7 +306,7 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     if schedule is not None:
         record["kernel"] = training_kernel(kernel, setting, device, dtype)
     if seed == 0:
-        save_samples(model, clips, dtype, os.path.join(out, f"samples_{label}.pt"), label)
+        save_samples(model, clips, dtype, os.path.join(out, f"samples_{label}.pt"), label, setting.time_shift)
     return record
 
 
@@ -546,6 +549,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scene", choices=sorted(SCENES), default=None,
                         help="pretrain: what the clips show (default: the setting's); finetune takes the checkpoint's")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretrain: steps (default: the setting's)")
+    parser.add_argument("--time-shift", type=float, default=None,
+                        help="pretrain: shift of the training times and sampler steps (default: the setting's); "
+                             "finetune takes the checkpoint's")
     parser.add_argument("--bench", default="benchmarks/results/bench-frontier.json",
                         help="summarize: bench JSONs (comma-separated, the first preferred) of `python -m "
                              "bsa_flex.bench --part frontier` or --part wan")
@@ -556,10 +562,13 @@ def main(argv=None) -> None:
     for flag, value in (("--pretrain-steps", args.pretrain_steps), ("--finetune-steps", args.finetune_steps)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.time_shift is not None and not args.time_shift > 0:
+        parser.error(f"--time-shift must be positive, got {args.time_shift}")
     setting = SETTINGS["tiny" if args.tiny else "gpu"]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
-                                      pretrain_steps=args.pretrain_steps or setting.pretrain_steps)
+                                      pretrain_steps=args.pretrain_steps or setting.pretrain_steps,
+                                      time_shift=args.time_shift or setting.time_shift)
     elif args.command == "finetune":
         setting = checkpoint_setting(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

@@ -188,11 +188,20 @@ def train_step(model: nn.Module, optimiser, clean: torch.Tensor, noise: torch.Te
     return loss.detach()
 
 
-def step_noise(step: int, batch_shape, device, salt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise and flow times of one step: the same in both arms (logit-normal t, as in SD3)."""
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow times moved toward the noise end, s t / (1 + (s - 1) t) (SD3's and Wan's time shift); s = 1: t.
+
+    A clip of many tokens still shows where its objects are at noise levels where a small image is noise
+    already, so its layout is decided near t = 1, where an unshifted logit-normal draw rarely trains."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def step_noise(step: int, batch_shape, device, salt: int = 0, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and flow times of one step: the same in every arm (logit-normal t, as in SD3, then
+    ``shift_time``)."""
     g = torch.Generator(device=device).manual_seed(1_000_003 * step + salt)
     noise = torch.randn(batch_shape, generator=g, device=device)
-    t = torch.sigmoid(torch.randn(batch_shape[0], generator=g, device=device))
+    t = shift_time(torch.sigmoid(torch.randn(batch_shape[0], generator=g, device=device)), shift)
     return noise, t
 
 
@@ -209,13 +218,15 @@ def validation_loss(model: nn.Module, clips: torch.Tensor, dtype) -> float:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype) -> torch.Tensor:
-    """Euler integration of the learned flow from t = 1 (noise) to t = 0 (data)."""
+def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype, shift: float = 1.0) -> torch.Tensor:
+    """Euler integration of the learned flow from t = 1 (noise) to t = 0 (data), on ``steps`` uniform steps
+    moved by ``shift_time`` (the shift the model was trained with: more steps where it decides the layout)."""
+    times = shift_time(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
     x = noise.clone()
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1.0 - i / steps, device=x.device)
+    for t_now, t_next in zip(times[:-1], times[1:]):
+        t = torch.full((x.shape[0],), t_now, device=x.device)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            x = x - model(x, t).float() / steps
+            x = x + (t_next - t_now) * model(x, t).float()
     return x
 
 
