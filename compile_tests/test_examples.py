@@ -299,6 +299,18 @@ def test_pre_training_with_a_weights_average_of_decay_one_ends_on_the_initial_we
     assert not all(torch.equal(p, initial[name]) for name, p in model.named_parameters())
 
 
+def test_a_fine_tune_record_holds_the_validation_loss_at_each_flow_time_and_their_mean():
+    frontier = _load("finetune_frontier")
+    setting = frontier.SETTINGS["tiny"]
+    torch.manual_seed(0)
+    model = frontier.build_model(setting, "cpu")
+    clips = frontier.validation_clips(setting, "cpu")
+    record = frontier.validation_record(model, clips, torch.float32)
+    assert len(record["val_loss_by_time"]) == len(dit.VALIDATION_TIMES) == 8
+    assert record["val_loss"] == dit.validation_loss(model, clips, torch.float32)
+    assert record["val_loss"] == pytest.approx(sum(record["val_loss_by_time"]) / 8)
+
+
 def test_a_frontier_of_several_checkpoints_compares_each_arm_with_its_own_dense_arm(tmp_path):
     frontier = _load("finetune_frontier")
     results = ROOT / "benchmarks" / "results"

@@ -205,15 +205,24 @@ def step_noise(step: int, batch_shape, device, salt: int = 0, shift: float = 1.0
     return noise, t
 
 
+VALIDATION_TIMES = tuple(torch.linspace(0.05, 0.95, 8).tolist())
+
+
 @torch.no_grad()
-def validation_loss(model: nn.Module, clips: torch.Tensor, dtype) -> float:
-    """Mean flow loss over the held-out clips at 8 fixed flow times with fixed noise."""
+def validation_losses(model: nn.Module, clips: torch.Tensor, dtype) -> list[float]:
+    """Flow loss over the held-out clips at each of ``VALIDATION_TIMES``, with fixed noise per time."""
     losses = []
-    for i, t_value in enumerate(torch.linspace(0.05, 0.95, 8).tolist()):
+    for i, t_value in enumerate(VALIDATION_TIMES):
         noise, _ = step_noise(10_000_000 + i, clips.shape, clips.device, salt=7)
         t = torch.full((clips.shape[0],), t_value, device=clips.device)
         with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
             losses.append(float(flow_loss(model, clips, noise, t)))
+    return losses
+
+
+def validation_loss(model: nn.Module, clips: torch.Tensor, dtype) -> float:
+    """Mean flow loss over the held-out clips at 8 fixed flow times with fixed noise."""
+    losses = validation_losses(model, clips, dtype)
     return sum(losses) / len(losses)
 
 
