@@ -311,6 +311,28 @@ def test_a_fine_tune_record_holds_the_validation_loss_at_each_flow_time_and_thei
     assert record["val_loss"] == pytest.approx(sum(record["val_loss_by_time"]) / 8)
 
 
+def test_training_free_rows_start_with_dense_at_the_checkpoints_loss_and_give_each_arm_its_losses_by_time(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--out", str(tmp_path)])
+    frontier.main(["training-free", "--tiny", "--out", str(tmp_path), "--arms", "kv_0.90,dense,bsa_0.93"])
+    record = json.loads((tmp_path / "training_free.json").read_text())
+    pretrained = json.loads((tmp_path / "pretrain.json").read_text())
+    assert [r["arm"] for r in record["rows"]] == ["dense", "kv_0.90", "bsa_0.93"]
+    assert record["rows"][0]["val_loss"] == pytest.approx(pretrained["val_loss"], rel=1e-6)
+    for row in record["rows"]:
+        assert len(row["val_loss_by_time"]) == len(record["validation_times"]) == 8
+        assert row["val_loss"] == pytest.approx(sum(row["val_loss_by_time"]) / 8)
+        assert (row["sparsity"] > 0.0) == (row["arm"] != "dense")
+
+
+def test_arms_run_in_the_order_given(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--out", str(tmp_path)])
+    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "kv_0.90,dense"])
+    records = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
+    assert [r["run"] for r in records] == ["kv_0.90", "dense"]
+
+
 def test_a_frontier_of_several_checkpoints_compares_each_arm_with_its_own_dense_arm(tmp_path):
     frontier = _load("finetune_frontier")
     results = ROOT / "benchmarks" / "results"
@@ -323,6 +345,17 @@ def test_a_frontier_of_several_checkpoints_compares_each_arm_with_its_own_dense_
         assert len(dense) == 3 and rows
         assert all(r["dense_val_loss_mean"] == pytest.approx(sum(dense) / 3) for r in rows)
     assert [c["checkpoint"] for c in summary["checkpoints"]] == [f.name for f in folders]
+
+
+@pytest.mark.parametrize("argv, flag", [(["training-free", "--clips", "0"], "--clips"),
+                                        (["training-free", "--clips", "5"], "--clips"),
+                                        (["finetune", "--arms", "dense,nope"], "--arms"),
+                                        (["pretrain", "--time-shift", "0"], "--time-shift")])
+def test_fine_tune_frontier_refuses_a_bad_argument_naming_it(argv, flag, tmp_path, capsys):
+    frontier = _load("finetune_frontier")
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main([*argv, "--tiny", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, flag", [("pretrain", "--pretrain-steps"), ("finetune", "--finetune-steps")])

@@ -8,6 +8,7 @@ space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
     python examples/finetune_frontier.py finetune --out OUT --seed 0 --finetune-steps 1500 --arms dense,kv_0.90
     python examples/finetune_frontier.py summarize --out OUT[,OUT2...] [--bench benchmarks/results/bench-frontier.json]
     python examples/finetune_frontier.py concentration --out OUT       # how block-sparse the checkpoint's attention is
+    python examples/finetune_frontier.py training-free --out OUT --arms kv_0.93_budget --clips 2  # no fine-tune, CPU
     python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
 
 The regime of the paper (secondary sources): a dense model trained first, then every arm continues
@@ -39,7 +40,7 @@ from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
 from video_dit import (SCENES, VideoDiT, concentration, make_clips, plot_samples, sample,  # noqa: E402
-                       step_noise, train_step, validation_losses)
+                       VALIDATION_TIMES, step_noise, train_step, validation_losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +318,32 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     return record
 
 
+def training_free(setting: Setting, out: str, device, arms, clips: int) -> dict:
+    """Each arm's final setting (calibrated p, budget, keep ratio) on the checkpoint with no fine-tuning: the
+    validation loss per flow time on the first ``clips`` validation clips, dense first (where a setting costs
+    before training adapts to it; cheap enough for a CPU). Writes training_free.json under ``out``."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    validation = validation_clips(setting, device)[:clips]
+    state = torch.load(os.path.join(out, "dense.pt"), map_location=device)
+    rows = []
+    for arm in [Arm("dense")] + [a for a in arms if a.keep is not None]:
+        model = build_model(setting, device, arm.fill, kv_budget=None if arm.budget_ramp else arm.kv_budget)
+        model.load_state_dict(state)
+        row = {"arm": arm.name, "kv_threshold": None, "sparsity": 0.0}
+        if arm.keep is not None:
+            row["kv_threshold"], row["sparsity"] = calibrate(model, arm, validation, dtype)
+            schedule_for(arm, row["kv_threshold"], 10).apply(model.attention_layers, 10**6)  # the ramp's end at that p
+        rows.append({**row, **validation_record(model, validation, dtype)})
+        print(f"{arm.name:>22}: sparsity {row['sparsity']:.3f}, val {rows[-1]['val_loss']:.4f} "
+              f"({rows[-1]['val_loss'] / rows[0]['val_loss'] - 1:+.1%}); by time "
+              + " ".join(f"{x:.3f}" for x in rows[-1]["val_loss_by_time"]), flush=True)
+    record = {"setting": dataclasses.asdict(setting), "environment": environment(device), "clips": clips,
+              "validation_times": list(VALIDATION_TIMES), "rows": rows}
+    with open(os.path.join(out, "training_free.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
 def load_arms_file(path: str) -> dict:
     """One arms_seed file, each record given its run label and step count (older files name neither: their
     arms ran the file's setting)."""
@@ -543,12 +570,13 @@ def samples_grid(out: str, rows: list[dict], results: str) -> str | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["pretrain", "finetune", "summarize", "concentration"])
+    parser.add_argument("command", choices=["pretrain", "finetune", "summarize", "concentration", "training-free"])
     parser.add_argument("--out", required=True, help="folder of the checkpoint and the arms' records (summarize: "
                                                      "several, comma-separated, one checkpoint each)")
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
+    parser.add_argument("--clips", type=int, default=4, help="training-free: validation clips (1-4)")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
     parser.add_argument("--finetune-steps", type=int, default=None,
                         help="finetune: steps per arm (default: the checkpoint's setting); other counts are "
@@ -571,22 +599,27 @@ def main(argv=None) -> None:
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.time_shift is not None and not args.time_shift > 0:
         parser.error(f"--time-shift must be positive, got {args.time_shift}")
+    by_name = {a.name: a for a in ARMS}
+    if args.arms is not None and not set(args.arms.split(",")) <= set(by_name):
+        parser.error(f"--arms: unknown names in {args.arms!r}; known: {', '.join(by_name)}")
+    arms = ARMS if args.arms is None else [by_name[name] for name in args.arms.split(",")]  # in the order given
+    if not 1 <= args.clips <= 4:
+        parser.error(f"--clips must be 1 to 4 (the validation clips), got {args.clips}")
     setting = SETTINGS["tiny" if args.tiny else "gpu"]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
                                       pretrain_steps=args.pretrain_steps or setting.pretrain_steps,
                                       time_shift=args.time_shift or setting.time_shift)
-    elif args.command == "finetune":
+    elif args.command in ("finetune", "training-free"):
         setting = checkpoint_setting(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    arms = ARMS if args.arms is None else [a for a in ARMS if a.name in args.arms.split(",")]
-    if args.arms is not None and len(arms) != len(args.arms.split(",")):
-        parser.error(f"--arms: unknown names in {args.arms!r}; known: {', '.join(a.name for a in ARMS)}")
     os.makedirs(args.out, exist_ok=True)
     if args.command == "pretrain":
         print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
     elif args.command == "finetune":
         finetune(setting, args.out, args.seed, device, arms, args.kernel, args.finetune_steps)
+    elif args.command == "training-free":
+        training_free(setting, args.out, device, arms, args.clips)
     elif args.command == "concentration":
         record = measure_concentration(args.out, device)
         for r in record["rows"]:
