@@ -325,6 +325,23 @@ def test_training_free_rows_start_with_dense_at_the_checkpoints_loss_and_give_ea
         assert (row["sparsity"] > 0.0) == (row["arm"] != "dense")
 
 
+def test_a_frontier_row_gives_the_gap_at_each_flow_time_where_its_records_have_losses_by_time():
+    frontier = _load("finetune_frontier")
+    arm = {"name": "kv_0.90", "keep": 1.0, "target": 0.9, "fill": "most_similar", "windows": []}
+    dense_arm = {**arm, "name": "dense", "keep": None}
+
+    def record(a, seed, by_time):
+        return {"arm": a, "run": a["name"], "finetune_steps": 4, "seed": seed, "sparsity_at_end": 0.9,
+                "val_loss": sum(by_time) / len(by_time), "val_loss_by_time": by_time}
+
+    records = [record(dense_arm, 0, [1.0, 2.0]), record(dense_arm, 1, [3.0, 2.0]),
+               record(arm, 0, [2.0, 2.0]), record(arm, 1, [4.0, 4.0])]
+    row, = frontier.frontier_rows(records, {})
+    assert row["gap_by_time"] == pytest.approx([3.0 / 2.0 - 1, 3.0 / 2.0 - 1])
+    older = [{k: v for k, v in r.items() if k != "val_loss_by_time"} if r["seed"] == 1 else r for r in records]
+    assert frontier.frontier_rows(older, {})[0]["gap_by_time"] is None
+
+
 def test_arms_run_in_the_order_given(tmp_path):
     frontier = _load("finetune_frontier")
     frontier.main(["pretrain", "--tiny", "--out", str(tmp_path)])

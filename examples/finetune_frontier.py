@@ -410,13 +410,14 @@ def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
     by_run, dense_by_steps = {}, {}
     for r in records:
         if r["arm"]["keep"] is None:
-            dense_by_steps.setdefault(r["finetune_steps"], []).append(r["val_loss"])
+            dense_by_steps.setdefault(r["finetune_steps"], []).append(r)
         else:
             by_run.setdefault(r["run"], []).append(r)
     rows = []
     for name, runs in by_run.items():
         arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
-        dense = mean_std(dense_by_steps.get(runs[0]["finetune_steps"], [float("nan")]))
+        dense_runs = dense_by_steps.get(runs[0]["finetune_steps"], [])
+        dense = mean_std([r["val_loss"] for r in dense_runs] or [float("nan")])
         small, large = split_speedups(arm, speedups)
         rows.append({"regime": "fine-tune", "arm": name, "finetune_steps": runs[0]["finetune_steps"],
                      "query_keep_ratio": arm["keep"], "layer_keep": arm.get("layer_keep", []), "fill": arm["fill"],
@@ -424,11 +425,21 @@ def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
                      "dense_val_loss_mean": dense[0], "dense_val_loss_std": dense[1], "gap": loss[0] / dense[0] - 1,
+                     "gap_by_time": gap_by_time(runs, dense_runs),
                      "speedup_23296": small[0], "speedup_153600": large[0],
                      "speedup_of": f"the bench's split at this keep ratio and sparsity (2x2x2 windows, most_similar "
                                    f"fill): 23,296 from {small[1]}, 153,600 from {large[1]}",
                      "kernel": sorted({r.get("kernel", "?") for r in runs})})
     return rows
+
+
+def gap_by_time(runs: list[dict], dense_runs: list[dict]) -> list[float] | None:
+    """Per validation flow time: the runs' mean loss over the dense runs' mean, minus 1; None where a record
+    has no losses by time (records before 2026-12-05's third session)."""
+    if not dense_runs or not all("val_loss_by_time" in r for r in runs + dense_runs):
+        return None
+    mean = lambda rs: [statistics.fmean(values) for values in zip(*(r["val_loss_by_time"] for r in rs))]  # noqa: E731
+    return [arm / dense - 1 for arm, dense in zip(mean(runs), mean(dense_runs))]
 
 
 def config_fields(text: str) -> dict:
