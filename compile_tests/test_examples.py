@@ -270,10 +270,18 @@ def test_each_fine_tune_arm_builds_its_layers_with_its_own_fill_rule():
 def test_a_budget_arm_caps_every_layer_at_its_share_of_the_kv_blocks_and_the_others_at_none():
     frontier = _load("finetune_frontier")
     setting = frontier.SETTINGS["gpu"]  # 64 KV blocks
-    caps = {arm.name: {layer.sparsity.bsa.max_kv_blocks for layer in frontier.build_model(
+    caps = {arm.name: {layer.sparsity.bsa.kv_block_cap(64) for layer in frontier.build_model(
                 setting, "cpu", arm.fill, kv_budget=arm.kv_budget).attention_layers}
             for arm in frontier.ARMS if arm.name in ("kv_0.90", "kv_0.90_budget", "kv_0.93_budget", "bsa_0.93_budget")}
     assert caps == {"kv_0.90": {None}, "kv_0.90_budget": {6}, "kv_0.93_budget": {4}, "bsa_0.93_budget": {9}}
+
+
+def test_the_training_examples_gpu_preset_caps_at_12_of_its_128_kv_blocks():
+    from bsa_flex import BSAConfig
+    args = train.parse_args(["--out", "unused"])
+    tokens = math.prod(n // p for n, p in zip(args.latent, args.patch))
+    assert tokens // args.block_size == 128 and args.max_kv_blocks is None
+    assert BSAConfig(kv_budget=args.kv_budget).kv_block_cap(128) == 12
 
 
 def test_a_budget_ramp_arm_starts_uncapped_and_ends_at_its_budget_in_every_layer():

@@ -96,7 +96,7 @@ class Preset:
     block_size: int
     lr: float
     final_keep: float  # the BSA arm's final query keep ratio
-    kv_budget: float | None  # the BSA arm's KV block budget per query block, as a fraction of the KV blocks
+    kv_budget: float | None  # the BSA arm's KV block budget per query block (BSAConfig.kv_budget: a share, rounded up)
 
 
 PRESETS = {
@@ -104,7 +104,7 @@ PRESETS = {
     # 12 of 128 KV blocks at most (sparsity 0.905): the setting that matched full attention on H200s
     # (benchmarks/results/train_video_dit_h200); dropping queries (keep 0.75 or 0.5) did not.
     "gpu": Preset(latent=(16, 64, 64), patch=(1, 2, 2), channels=4, width=384, layers=6, heads=6, batch=2,
-                  steps=1000, block_size=128, lr=3e-4, final_keep=1.0, kv_budget=0.095),
+                  steps=1000, block_size=128, lr=3e-4, final_keep=1.0, kv_budget=12 / 128),
     # 4 x 16 x 16 latents: 4 x 8 x 8 = 256 tokens, for a CPU smoke run (keep 0.5 exercises the query side)
     "tiny": Preset(latent=(4, 16, 16), patch=(1, 2, 2), channels=4, width=64, layers=2, heads=2, batch=2,
                    steps=24, block_size=16, lr=1e-3, final_keep=0.5, kv_budget=None),
@@ -125,8 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--fill", choices=FILL_POLICIES, default="most_similar",
                         help="BSA arm: which kept query's output a pruned query copies")
     parser.add_argument("--max-kv-blocks", type=int, default=None,
-                        help="BSA arm: KV block budget per query block (default: 9.5%% of the KV blocks on the "
-                             "GPU preset, none on --tiny)")
+                        help="BSA arm: KV block budget per query block (default: 12/128 of the KV blocks, rounded "
+                             "up, on the GPU preset: 12 at its shape; none on --tiny)")
     parser.add_argument("--warmup", type=float, default=0.1, help="BSA arm: fraction of steps dense")
     parser.add_argument("--ramp", type=float, default=0.3, help="BSA arm: fraction of steps ramping to the final values")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -160,9 +160,6 @@ def parse_args(argv=None):
     args.out = args.out or os.path.join("benchmarks", "results", "train_video_dit" + ("_tiny" if args.tiny else ""))
     args.val_every = max(1, args.steps // 10)
     args.log_every = max(1, args.steps // 50)
-    tokens = math.prod(n // p for n, p in zip(args.latent, args.patch))
-    if args.max_kv_blocks is None and args.kv_budget is not None:
-        args.max_kv_blocks = max(1, int(args.kv_budget * tokens / args.block_size))
     return args
 
 
@@ -205,7 +202,8 @@ def run_arm(name: str, args) -> dict:
     bsa = schedule = None
     if name == "bsa":
         bsa = BSAConfig(query_keep_ratio=args.final_keep, kv_threshold=args.final_threshold,
-                        block_size=args.block_size, max_kv_blocks=args.max_kv_blocks, fill=args.fill)
+                        block_size=args.block_size, max_kv_blocks=args.max_kv_blocks, fill=args.fill,
+                        kv_budget=args.kv_budget if args.max_kv_blocks is None else None)
         # The threshold ramps in stairs at no cost (a tensor updated in place); each keep ratio
         # compiles one graph per grad mode (about 20 s each on an H200 since the sort fix; 1.5 min
         # before), so the keep ratio goes to its final value in one step when the warm-up ends.
