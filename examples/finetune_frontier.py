@@ -39,7 +39,7 @@ from bsa_flex.extras import environment, pyplot_or_none
 from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import (SCENES, VideoDiT, concentration, make_clips, plot_samples, sample,  # noqa: E402
+from video_dit import (SCENES, VideoDiT, autocast_dtype, concentration, make_clips, plot_samples, sample,  # noqa: E402
                        VALIDATION_TIMES, step_noise, train_step, validation_losses)
 
 
@@ -143,13 +143,22 @@ def build_model(setting: Setting, device, fill: str = "most_similar", kernel: st
     return model
 
 
+def checkpoint_model(setting: Setting, out: str, device, arm: Arm | None = None, kernel: str = "auto") -> VideoDiT:
+    """The dense checkpoint under ``out`` in a model built for ``arm`` (its fill rule, and its KV budget unless a
+    schedule ramps it; None: the defaults), dense until a schedule says otherwise."""
+    arm = Arm("dense") if arm is None else arm
+    model = build_model(setting, device, arm.fill, kernel, None if arm.budget_ramp else arm.kv_budget)
+    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
+    return model
+
+
 def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, schedule=None,
                 lr_final: float | None = None, ema: float | None = None) -> list[float]:
     """``steps`` AdamW steps of flow matching on the seed's data stream and noise (learning rate ``lr``,
     cosine-decayed to ``lr_final`` where given); the training losses. With ``ema`` the model ends holding
     the exponential moving average of its weights (that decay per step) instead of the last weights."""
     device = next(model.parameters()).device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     decay = (None if lr_final is None else
              torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, steps), eta_min=lr_final))
@@ -244,7 +253,7 @@ def pretrain(setting: Setting, out: str, device) -> dict:
     """Dense training from scratch; writes dense.pt, pretrain.json and the checkpoint's samples."""
     torch.manual_seed(0)
     model = build_model(setting, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device)
     start = time.perf_counter()
     losses = train_steps(model, setting, setting.pretrain_steps, setting.pretrain_lr, seed=0,
                          lr_final=setting.pretrain_lr_final, ema=setting.pretrain_ema)
@@ -270,9 +279,8 @@ def concentration_record(model, setting: Setting, clips, dtype) -> dict:
 def measure_concentration(out: str, device) -> dict:
     """concentration.json for the checkpoint under ``out`` (also part of pretrain.json for new checkpoints)."""
     setting = checkpoint_setting(out)
-    model = build_model(setting, device)
-    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = checkpoint_model(setting, out, device)
+    dtype = autocast_dtype(device)
     record = concentration_record(model, setting, validation_clips(setting, device), dtype)
     with open(os.path.join(out, "concentration.json"), "w") as f:
         json.dump(record, f, indent=1)
@@ -294,9 +302,8 @@ def run_label(arm: Arm, steps: int, checkpoint_steps: int) -> str:
 
 def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel: str, label: str) -> dict:
     """One arm from the checkpoint: calibrate its final p, fine-tune, validate; its record (named ``label``)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(setting, device, arm.fill, kernel, None if arm.budget_ramp else arm.kv_budget)
-    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
+    dtype = autocast_dtype(device)
+    model = checkpoint_model(setting, out, device, arm, kernel)
     clips = validation_clips(setting, device)
     record = {"arm": dataclasses.asdict(arm), "run": label, "finetune_steps": setting.finetune_steps, "seed": seed,
               "kernel_requested": kernel}
@@ -320,13 +327,11 @@ def training_free(setting: Setting, out: str, device, arms, clips: int) -> dict:
     """Each arm's final setting (calibrated p, budget, keep ratio) on the checkpoint with no fine-tuning: the
     validation loss per flow time on the first ``clips`` validation clips, dense first (where a setting costs
     before training adapts to it; cheap enough for a CPU). Writes training_free.json under ``out``."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device)
     validation = validation_clips(setting, device)[:clips]
-    state = torch.load(os.path.join(out, "dense.pt"), map_location=device)
     rows = []
     for arm in [Arm("dense")] + [a for a in arms if a.keep is not None]:
-        model = build_model(setting, device, arm.fill, kv_budget=None if arm.budget_ramp else arm.kv_budget)
-        model.load_state_dict(state)
+        model = checkpoint_model(setting, out, device, arm)
         row = {"arm": arm.name, "kv_threshold": None, "sparsity": 0.0}
         if arm.keep is not None:
             row["kv_threshold"], row["sparsity"] = calibrate(model, arm, validation, dtype)
@@ -436,7 +441,9 @@ def gap_by_time(runs: list[dict], dense_runs: list[dict]) -> list[float] | None:
     has no losses by time (records before 2026-12-05's third session)."""
     if not dense_runs or not all("val_loss_by_time" in r for r in runs + dense_runs):
         return None
-    mean = lambda rs: [statistics.fmean(values) for values in zip(*(r["val_loss_by_time"] for r in rs))]  # noqa: E731
+    def mean(records):
+        return [statistics.fmean(values) for values in zip(*(r["val_loss_by_time"] for r in records))]
+
     return [arm / dense - 1 for arm, dense in zip(mean(runs), mean(dense_runs))]
 
 

@@ -33,7 +33,7 @@ from bsa_flex.extras import environment, progress
 from masks import FILL_POLICIES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
-from video_dit import (VideoDiT, draw_plots, make_clips, sample, step_noise, train_step,  # noqa: E402
+from video_dit import (VideoDiT, autocast_dtype, draw_plots, make_clips, sample, step_noise, train_step,  # noqa: E402
                        training_free_sweep, validation_loss)
 
 
@@ -45,7 +45,7 @@ def train_arm(name: str, args, bsa: BSAConfig | None, schedule: SparsitySchedule
     model = VideoDiT(args.channels, args.patch, args.width, args.layers, args.heads, bsa).to(device)
     runner = torch.compile(model, dynamic=False) if args.compile else model
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device)
     record = {"arm": name, "train_loss": [], "val": [], "sparsity": [], "step_ms": []}
     bar = progress(args.steps, name, quiet_without_tqdm=True)
     for step in range(args.steps):
@@ -197,7 +197,7 @@ def setup_record(args) -> dict:
 def run_arm(name: str, args) -> dict:
     """Train one arm, sample from it (and sweep BSA training-free on the full arm); write arm_<name>.json."""
     device = args.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device)
     val_clips = make_clips([900_000 + i for i in range(4)], *args.latent, args.channels, device)
     bsa = schedule = None
     if name == "bsa":

@@ -168,6 +168,11 @@ class VideoDiT(nn.Module):
 
 # ----------------------------------------------------------------------------- flow matching
 
+def autocast_dtype(device) -> torch.dtype:
+    """The dtype the examples train and evaluate in: bfloat16 (autocast) on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Rectified flow: x_t = (1 - t) x0 + t eps, predict the velocity eps - x0 (mean squared error)."""
     tt = t[:, None, None, None, None]
