@@ -14,7 +14,7 @@ from .attention import TOKEN_ORDERS, attention
 from .config import BSAConfig, keep_count
 from .order import tile_positions
 from .schedule import LayerSparsity
-from .validation import check_choice, check_real, check_triple, is_integer
+from .validation import check_choice, check_real, check_text_tokens, check_triple, is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -133,15 +133,17 @@ class SparsityControl:
         self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)), budget)
         self.threshold.fill_(setting.kv_threshold)
 
-    def attention(self, q, k, v, video_shape, token_order: str = "raster") -> torch.Tensor:
+    def attention(self, q, k, v, video_shape, token_order: str = "raster",
+                  text_tokens: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``.
-        Dense attention is the same in any token order; BSA is told which order q, k, v are in."""
+        Dense attention is the same in any token order; BSA is told which order q, k, v are in and how
+        many non-video tokens (prefix, suffix) the sequence holds."""
         gqa = q.shape[1] != k.shape[1]
         if self.dense:
             self.last_stats = None
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         out, stats = attention(q, k, v, video_shape, self._config, enable_gqa=gqa, token_order=token_order,
-                               return_stats=True)
+                               prefix_tokens=text_tokens[0], suffix_tokens=text_tokens[1], return_stats=True)
         self.last_stats = LayerStats(stats.sparsity.detach(), stats.kept_query_fraction.detach())
         return out
 
@@ -150,7 +152,10 @@ class BSAttention(nn.Module):
     """Self-attention over a video's tokens: qkv projection, optional q/k RMSNorm, rope, BSA or dense.
 
     x: [B, S, dim] with S = T*H*W tokens in raster order; ``forward(x, video_shape)`` returns
-    [B, S, dim]. ``token_order="tile"``: x comes and returns in the tile order of
+    [B, S, dim]. Joint attention (e.g. text or register tokens beside the video): ``forward(x, video_shape,
+    prefix_tokens=P, suffix_tokens=Q)`` with S = P + T*H*W + Q; the non-video tokens attend to every key
+    and every query attends to them (see :func:`bsa_flex.attention`); the rope hook rotates the video
+    tokens only. ``token_order="tile"``: x comes and returns in the tile order of
     ``bsa_flex.tile_order(video_shape, bsa)`` (permute once after patchify, back once before
     unpatchify); the rope hook is then called with ``positions=`` the raster index of each token
     (as :func:`rope_3d` takes it), and the layer's window is fixed (the order depends on it).
@@ -215,24 +220,43 @@ class BSAttention(nn.Module):
                              f"{self.sparsity.bsa.window}, which another window would misread; use token_order='raster'")
         self.sparsity.set_sparsity(setting)
 
-    def project(self, x: torch.Tensor, video_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, S, dim] -> the attention's q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, rotated)."""
+    def project(self, x: torch.Tensor, video_shape, text_tokens: tuple[int, int] = (0, 0)
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, dim] -> the attention's q [B, Hq, S, D], k and v [B, Hkv, S, D] (normed, the video's rotated)."""
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
         q = self.q_norm(rearrange(q, "b s (h d) -> b h s d", d=self.head_dim))
         k = self.k_norm(rearrange(k, "b s (h d) -> b h s d", d=self.head_dim))
         v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
-        if self.rope is not None and self.token_order == "tile":
-            bsa = self.sparsity.bsa
-            positions = tile_positions(check_triple("video_shape", video_shape), bsa.tile, bsa.window, bsa.block_size,
-                                       x.device)
-            q, k = self.rope(q, k, video_shape, positions=positions)
-        elif self.rope is not None:
-            q, k = self.rope(q, k, video_shape)
+        if self.rope is not None:
+            q, k = self._rotate_video(q, k, video_shape, text_tokens)
         return q.to(v.dtype), k.to(v.dtype), v  # CUDA autocast may run the norms in float32
 
-    def forward(self, x: torch.Tensor, video_shape) -> torch.Tensor:
-        out = self.sparsity.attention(*self.project(x, video_shape), video_shape, self.token_order)
+    def _rotate_video(self, q, k, video_shape, text_tokens: tuple[int, int]):
+        """q, k with the rope hook applied to the video tokens; non-video tokens keep no position."""
+        prefix, suffix = text_tokens
+        tiled = self.token_order == "tile"  # the tile order puts the non-video tokens after the video
+        start = 0 if tiled else prefix
+        video = slice(start, q.shape[2] - (prefix + suffix if tiled else suffix))
+        kwargs = {}
+        if tiled:
+            bsa = self.sparsity.bsa
+            kwargs["positions"] = tile_positions(check_triple("video_shape", video_shape), bsa.tile, bsa.window,
+                                                 bsa.block_size, q.device)
+        if prefix + suffix == 0:
+            return self.rope(q, k, video_shape, **kwargs)
+        q_video, k_video = self.rope(q[:, :, video], k[:, :, video], video_shape, **kwargs)
+
+        def put_back(x, x_video):
+            return torch.cat([x[:, :, :video.start], x_video.to(x.dtype), x[:, :, video.stop:]], 2)
+        return put_back(q, q_video), put_back(k, k_video)
+
+    def forward(self, x: torch.Tensor, video_shape, *, prefix_tokens: int = 0, suffix_tokens: int = 0) -> torch.Tensor:
+        text = check_text_tokens(prefix_tokens, suffix_tokens)
+        if x.ndim != 3 or x.shape[1] != math.prod(check_triple("video_shape", video_shape)) + sum(text):
+            raise ValueError(f"BSAttention x must be [B, prefix_tokens + T*H*W + suffix_tokens, dim] = "
+                             f"[B, {text[0]} + {math.prod(video_shape)} + {text[1]}, dim], got {tuple(x.shape)}")
+        out = self.sparsity.attention(*self.project(x, video_shape, text), video_shape, self.token_order, text)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))
 
 

@@ -44,6 +44,35 @@ def test_sparse_layer_output_is_the_oracle_on_its_own_selection():
     assert 0.0 < layer_stats([layer])[0]["sparsity"] < 1.0
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_text_tokens_join_the_attention_and_only_the_video_tokens_are_rotated(dense):
+    """prefix 5 and suffix 3 non-video tokens: the layer is the functional call (or SDPA when dense) on
+    q, k, v whose video part alone went through the rope."""
+    layer, text = _layer(), (5, 3)
+    if dense:
+        layer.set_sparsity(LayerSparsity(dense=True, keep_ratio=1.0, kv_threshold=1.0))
+    x = torch.randn(2, 5 + 256 + 3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        q, k, v = layer.qkv(x).split([4 * 16, 2 * 16, 2 * 16], -1)
+        q, k, v = (rearrange(t, "b s (h d) -> b h s d", d=16) for t in (q, k, v))
+        q, k = layer.q_norm(q), layer.k_norm(k)
+        q_video, k_video = layer.rope(q[:, :, 5:-3], k[:, :, 5:-3], VIDEO)
+        q = torch.cat([q[:, :, :5], q_video, q[:, :, -3:]], 2)
+        k = torch.cat([k[:, :, :5], k_video, k[:, :, -3:]], 2)
+        expected = (F.scaled_dot_product_attention(q, k, v, enable_gqa=True) if dense else
+                    bsa_flex.attention(q, k, v, VIDEO, layer.config, enable_gqa=True, prefix_tokens=5, suffix_tokens=3))
+        expected = layer.out(rearrange(expected, "b h s d -> b s (h d)"))
+        torch.testing.assert_close(layer(x, VIDEO, prefix_tokens=5, suffix_tokens=3), expected)
+
+
+def test_a_sequence_that_is_not_the_video_and_its_text_tokens_is_refused_naming_x():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"x must be \[B, prefix_tokens \+ T\*H\*W \+ suffix_tokens, dim\]"):
+        layer(_tokens(), VIDEO, prefix_tokens=4)
+    with pytest.raises(TypeError, match="prefix_tokens must be an int"):
+        layer(_tokens(), VIDEO, prefix_tokens=1.5)
+
+
 def test_dense_mode_is_sdpa_and_dense_bsa_config_matches_it_with_gradients():
     x = _tokens()
     dense, through_bsa = _layer(seed=3), _layer(seed=3, bsa=BSAConfig.dense(block_size=16))

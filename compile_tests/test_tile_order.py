@@ -100,15 +100,17 @@ def test_rope_3d_at_tile_positions_is_the_raster_rope_permuted():
     assert all(torch.equal(a[:, :, to_tile], b) for a, b in zip(raster, tile))
 
 
-@pytest.mark.parametrize("video_shape", [(5, 7, 9), (4, 8, 8)])
-def test_bsattention_in_tile_order_gives_the_raster_layer_results_and_gradients(video_shape):
-    """Padding (5, 7, 9) and none (4, 8, 8), keep 0.5 with fills, on the CPU training path: output
-    equal to the raster layer's permuted output, parameter gradients to float32 rounding."""
+@pytest.mark.parametrize("video_shape, text", [((5, 7, 9), (0, 0)), ((4, 8, 8), (0, 0)), ((5, 7, 9), (5, 3))])
+def test_bsattention_in_tile_order_gives_the_raster_layer_results_and_gradients(video_shape, text):
+    """Padding (5, 7, 9) and none (4, 8, 8), with and without text tokens, keep 0.5 with fills, on the
+    CPU training path: output equal to the raster layer's permuted output, parameter gradients to float32
+    rounding."""
     config = BSAConfig(block_size=16, kv_threshold=0.8, query_keep_ratio=0.5)
     raster, tile = _module_pair(video_shape, config)
-    to_tile, to_raster = bsa_flex.tile_order(video_shape, config)
+    to_tile, to_raster = bsa_flex.tile_order(video_shape, config, prefix_tokens=text[0], suffix_tokens=text[1])
     x = torch.randn(2, to_tile.numel(), 64, generator=torch.Generator().manual_seed(1))
-    out_raster, out_tile = raster(x, video_shape), tile(x[:, to_tile], video_shape)[:, to_raster]
+    kwargs = dict(prefix_tokens=text[0], suffix_tokens=text[1])
+    out_raster, out_tile = raster(x, video_shape, **kwargs), tile(x[:, to_tile], video_shape, **kwargs)[:, to_raster]
     torch.testing.assert_close(out_tile, out_raster, rtol=1e-5, atol=1e-6)
     g = torch.randn(out_raster.shape, generator=torch.Generator().manual_seed(2))
     (out_raster * g).sum().backward()
