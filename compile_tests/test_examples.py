@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from einops import rearrange
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -422,10 +423,11 @@ def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(t
 def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_constant_rate(tmp_path):
     frontier = _load("finetune_frontier")
     fields = dataclasses.asdict(frontier.SETTINGS["tiny"])
-    del fields["pretrain_lr_final"], fields["time_shift"]
+    del fields["pretrain_lr_final"], fields["time_shift"], fields["registers"]
     (tmp_path / "pretrain.json").write_text(json.dumps({"setting": fields}))
     assert frontier.checkpoint_setting(str(tmp_path)).pretrain_lr_final is None
     assert frontier.checkpoint_setting(str(tmp_path)).time_shift == 1.0
+    assert frontier.checkpoint_setting(str(tmp_path)).registers == 0
     assert frontier.SETTINGS["gpu"].pretrain_lr_final == frontier.SETTINGS["gpu"].finetune_lr
 
 
@@ -447,3 +449,43 @@ def test_the_per_layer_keep_arms_refuse_a_model_without_their_layers():
     arm = next(a for a in frontier.ARMS if a.name == "kv_0.90_q13")
     with pytest.raises(ValueError, match="layer_overrides names layers"):
         frontier.schedule_for(arm, 0.6, 10).apply(model.attention_layers, 0)
+
+
+def _model_with_registers(registers: int):
+    """One BSA layer capped at one KV block of 16 (256 video tokens), every weight random (no zero init)."""
+    from bsa_flex import BSAConfig
+    torch.manual_seed(0)
+    model = train.VideoDiT(4, (1, 2, 2), 32, 1, 2, BSAConfig(block_size=16, kv_budget=1 / 16), registers=registers)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model, train.make_clips([5], 4, 16, 16, 4, "cpu")
+
+
+def test_registers_reach_every_video_token_under_bsa_and_the_output_is_the_video_only():
+    model, clips = _model_with_registers(4)
+    t = torch.tensor([0.7])
+    with torch.no_grad():
+        out = model(clips, t)
+        model.registers.add_(torch.randn(model.registers.shape, generator=torch.Generator().manual_seed(1)))
+        moved = model(clips, t)
+    assert out.shape == clips.shape
+    per_token = rearrange((moved - out).abs(), "n c t (h a) (w b) -> n t h w (c a b)", a=2, b=2).sum(-1)
+    assert bool((per_token > 0).all())  # each token read the registers besides its selected KV blocks
+
+
+def test_the_captured_attention_inputs_of_a_model_with_registers_are_its_video_tokens():
+    model, clips = _model_with_registers(4)
+    ((q, k, v, video_shape),) = dit.captured_qkv(model, clips, 0.5, torch.float32)
+    assert video_shape == (4, 8, 8) and q.shape[2] == k.shape[2] == v.shape[2] == 256
+
+
+def test_a_checkpoint_pre_trained_with_registers_keeps_them_through_its_arms(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--registers", "3", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "pretrain.json").read_text())["setting"]["registers"] == 3
+    assert torch.load(tmp_path / "dense.pt")["registers"].shape == (3, frontier.SETTINGS["tiny"].width)
+    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "kv_0.93"])
+    (record,) = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
+    assert 0.5 < record["sparsity_at_end"] < 1.0
+    with pytest.raises(SystemExit):
+        frontier.main(["pretrain", "--tiny", "--registers", "-1", "--out", str(tmp_path)])

@@ -9,6 +9,7 @@ space/time windows, 3 seeds, and the quality-speed frontier (issue 15).
     python examples/finetune_frontier.py summarize --out OUT[,OUT2...] [--bench benchmarks/results/bench-frontier.json]
     python examples/finetune_frontier.py concentration --out OUT       # how block-sparse the checkpoint's attention is
     python examples/finetune_frontier.py training-free --out OUT --arms kv_0.93_budget --clips 2  # no fine-tune, CPU
+    python examples/finetune_frontier.py pretrain --setting cpu --registers 16 --out OUT  # 1,024 tokens, 2 cores
     python examples/finetune_frontier.py pretrain --tiny --out /tmp/ft  # CPU smoke run (then finetune --tiny)
 
 The regime of the paper (secondary sources): a dense model trained first, then every arm continues
@@ -63,6 +64,7 @@ class Setting:
     finetune_lr: float = 2e-4
     scene: str = "textured"  # video_dit.SCENES
     time_shift: float = 1.0  # video_dit.shift_time of the training times and of the sampler's steps
+    registers: int = 0  # VideoDiT's learned non-video tokens, attended by every query whatever BSA selects
 
     @property
     def tokens(self) -> int:
@@ -76,6 +78,10 @@ SETTINGS = {
     # a nearly flat sample), at a higher validation loss (0.196: the loss weighs every time alike, the shift
     # trains less at low noise)
     "gpu": Setting(latent=(16, 32, 64), batch=8, pretrain_ema=0.999, time_shift=3.0),
+    # what two CPU cores pre-train in about 15 minutes: 8 x 8 x 16 = 1,024 tokens, 64 KV blocks of 16 per query
+    # block as in the GPU setting, the sprites scene
+    "cpu": Setting(latent=(8, 16, 32), width=96, layers=3, heads=4, batch=4, block_size=16, pretrain_steps=2000,
+                   pretrain_ema=0.999, time_shift=3.0, scene="sprites"),
     "tiny": Setting(latent=(4, 16, 16), width=64, layers=2, heads=2, batch=2, block_size=16, pretrain_steps=6,
                     finetune_steps=4),
 }
@@ -137,7 +143,8 @@ def build_model(setting: Setting, device, fill: str = "most_similar", kernel: st
     """The DiT with BSA-capable attention layers of one fill rule and KV budget (``BSAConfig.kv_budget``, None
     for none), dense until a schedule says otherwise."""
     model = VideoDiT(setting.channels, setting.patch, setting.width, setting.layers, setting.heads,
-                     BSAConfig(block_size=setting.block_size, fill=fill, kernel=kernel, kv_budget=kv_budget)).to(device)
+                     BSAConfig(block_size=setting.block_size, fill=fill, kernel=kernel, kv_budget=kv_budget),
+                     registers=setting.registers).to(device)
     for layer in model.attention_layers:
         layer.set_sparsity(LayerSparsity(True, 1.0, 1.0))
     return model
@@ -246,6 +253,7 @@ def checkpoint_setting(out: str) -> Setting:
     fields.setdefault("pretrain_lr_final", None)  # checkpoints from before the field trained at a constant rate
     fields.setdefault("pretrain_ema", None)  # and took the last weights
     fields.setdefault("time_shift", 1.0)  # and drew unshifted times
+    fields.setdefault("registers", 0)  # and had no registers
     return Setting(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
@@ -591,7 +599,9 @@ def main(argv=None) -> None:
                                                      "several, comma-separated, one checkpoint each)")
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke setting")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="gpu",
+                        help="pretrain: the model, data and step counts (the other commands take the checkpoint's)")
+    parser.add_argument("--tiny", action="store_true", help="the CPU smoke setting on the CPU (= --setting tiny)")
     parser.add_argument("--clips", type=int, default=4, help="training-free: validation clips (1-4)")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
     parser.add_argument("--finetune-steps", type=int, default=None,
@@ -600,6 +610,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scene", choices=sorted(SCENES), default=None,
                         help="pretrain: what the clips show (default: the setting's); finetune takes the checkpoint's")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="pretrain: steps (default: the setting's)")
+    parser.add_argument("--registers", type=int, default=None,
+                        help="pretrain: register tokens of the model (default: the setting's); the others take the "
+                             "checkpoint's")
     parser.add_argument("--time-shift", type=float, default=None,
                         help="pretrain: shift of the training times and sampler steps (default: the setting's); "
                              "finetune takes the checkpoint's")
@@ -613,6 +626,8 @@ def main(argv=None) -> None:
     for flag, value in (("--pretrain-steps", args.pretrain_steps), ("--finetune-steps", args.finetune_steps)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
+    if args.registers is not None and args.registers < 0:
+        parser.error(f"--registers must be at least 0, got {args.registers}")
     if args.time_shift is not None and not args.time_shift > 0:
         parser.error(f"--time-shift must be positive, got {args.time_shift}")
     by_name = {a.name: a for a in ARMS}
@@ -621,11 +636,12 @@ def main(argv=None) -> None:
     arms = ARMS if args.arms is None else [by_name[name] for name in args.arms.split(",")]  # in the order given
     if not 1 <= args.clips <= 4:
         parser.error(f"--clips must be 1 to 4 (the validation clips), got {args.clips}")
-    setting = SETTINGS["tiny" if args.tiny else "gpu"]
+    setting = SETTINGS["tiny" if args.tiny else args.setting]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
                                       pretrain_steps=args.pretrain_steps or setting.pretrain_steps,
-                                      time_shift=args.time_shift or setting.time_shift)
+                                      time_shift=args.time_shift or setting.time_shift,
+                                      registers=setting.registers if args.registers is None else args.registers)
     elif args.command in ("finetune", "training-free"):
         setting = checkpoint_setting(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

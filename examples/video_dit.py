@@ -124,19 +124,25 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x, c, video_shape):
+    def forward(self, x, c, video_shape, registers: int = 0):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c))[:, None].chunk(6, -1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, video_shape)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, video_shape, prefix_tokens=registers)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 
 class VideoDiT(nn.Module):
-    """Patchified latent-video DiT predicting the flow velocity: [N, C, T, H, W] -> same shape."""
+    """Patchified latent-video DiT predicting the flow velocity: [N, C, T, H, W] -> same shape.
+
+    registers: learned tokens put before the video's in every attention layer (BSA's non-video tokens:
+    they attend to every key and every query attends to them), dropped at the end; a channel for what
+    the whole clip shares (a sparse layer's queries see only their selected KV blocks besides them).
+    """
 
     def __init__(self, channels: int, patch: tuple[int, int, int], width: int, layers: int, heads: int,
-                 bsa: BSAConfig | None):
+                 bsa: BSAConfig | None, registers: int = 0):
         super().__init__()
         self.patch = patch
+        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02) if registers else None
         patch_dim = channels * math.prod(patch)
         self.embed = nn.Linear(patch_dim, width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
@@ -158,8 +164,12 @@ class VideoDiT(nn.Module):
         video_shape = (T // pt, H // ph, W // pw)
         x = self.embed(rearrange(latents, "n c (t a) (h b) (w e) -> n (t h w) (c a b e)", a=pt, b=ph, e=pw))
         c = self.time(timestep_embedding(t, x.shape[-1]))
+        registers = 0 if self.registers is None else self.registers.shape[0]
+        if registers:
+            x = torch.cat([self.registers.to(x.dtype).expand(N, -1, -1), x], 1)
         for block in self.blocks:
-            x = block(x, c, video_shape)
+            x = block(x, c, video_shape, registers)
+        x = x[:, registers:]
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, -1)
         x = self.head(self.norm(x) * (1 + scale) + shift)
         return rearrange(x, "n (t h w) (c a b e) -> n c (t a) (h b) (w e)", t=video_shape[0], h=video_shape[1],
@@ -248,10 +258,16 @@ def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype, shift: floa
 
 @torch.no_grad()
 def captured_qkv(model: VideoDiT, clips: torch.Tensor, t_value: float, dtype) -> list[tuple]:
-    """(q, k, v, video_shape) of every attention layer of ``model`` on noised ``clips`` at one flow time."""
+    """(q, k, v, video_shape) of every attention layer of ``model`` on noised ``clips`` at one flow time, the
+    video tokens' only (the registers' dropped)."""
     captured = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a: captured.append((*m.project(*a), a[1])))
-             for layer in model.attention_layers]
+
+    def capture(layer, args, kwargs):
+        x, video_shape = args
+        registers = kwargs.get("prefix_tokens", 0)
+        captured.append((*(t[:, :, registers:] for t in layer.project(x, video_shape, (registers, 0))), video_shape))
+
+    hooks = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in model.attention_layers]
     noise, _ = step_noise(20_000_000, clips.shape, clips.device, salt=3)
     t = torch.full((clips.shape[0],), t_value, device=clips.device)
     try:
