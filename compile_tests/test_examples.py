@@ -484,8 +484,11 @@ def test_a_checkpoint_pre_trained_with_registers_keeps_them_through_its_arms(tmp
     frontier.main(["pretrain", "--tiny", "--registers", "3", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "pretrain.json").read_text())["setting"]["registers"] == 3
     assert torch.load(tmp_path / "dense.pt")["registers"].shape == (3, frontier.SETTINGS["tiny"].width)
-    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "kv_0.93"])
-    (record,) = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
-    assert 0.5 < record["sparsity_at_end"] < 1.0
+    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "dense,kv_0.93"])
+    records = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
+    assert 0.5 < records[1]["sparsity_at_end"] < 1.0
+    summary = frontier.summarize(str(tmp_path), "", str(tmp_path / "no_scratch_runs"), str(tmp_path / "results"))
+    (row,) = summary["rows"]
+    assert (row["registers"], row["tokens"]) == (3, 4 * 8 * 8)
     with pytest.raises(SystemExit):
         frontier.main(["pretrain", "--tiny", "--registers", "-1", "--out", str(tmp_path)])

@@ -537,8 +537,9 @@ def checkpoint_rows(out: str, speedups: dict) -> tuple[list[dict], list[dict], d
     with open(os.path.join(out, "pretrain.json")) as f:
         pretrained = json.load(f)
     name = os.path.basename(os.path.normpath(out))
-    rows = [{**row, "checkpoint": name, "scene": pretrained["setting"]["scene"]}
-            for row in frontier_rows(records, speedups)]
+    setting = checkpoint_setting(out)
+    rows = [{**row, "checkpoint": name, "scene": setting.scene, "registers": setting.registers,
+             "tokens": setting.tokens} for row in frontier_rows(records, speedups)]
     kept = [{"checkpoint": name, **{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss",
                                                      "sparsity_at_start", "sparsity_at_end", "kv_threshold",
                                                      "wall_s") if k in r}} for r in records]
