@@ -78,8 +78,9 @@ SETTINGS = {
     # a nearly flat sample), at a higher validation loss (0.196: the loss weighs every time alike, the shift
     # trains less at low noise)
     "gpu": Setting(latent=(16, 32, 64), batch=8, pretrain_ema=0.999, time_shift=3.0),
-    # what two CPU cores pre-train in about 15 minutes: 8 x 8 x 16 = 1,024 tokens, 64 KV blocks of 16 per query
-    # block as in the GPU setting, the sprites scene
+    # for CPU probes of relative gaps: 8 x 8 x 16 = 1,024 tokens, 64 KV blocks of 16 as in the GPU setting, the
+    # sprites scene; pre-trains in about 10 minutes on 2 cores alone (one thread per run when two share them);
+    # too small to sample shapes (2026-12-05: validation loss 0.72, samples noise)
     "cpu": Setting(latent=(8, 16, 32), width=96, layers=3, heads=4, batch=4, block_size=16, pretrain_steps=2000,
                    pretrain_ema=0.999, time_shift=3.0, scene="sprites"),
     "tiny": Setting(latent=(4, 16, 16), width=64, layers=2, heads=2, batch=2, block_size=16, pretrain_steps=6,
