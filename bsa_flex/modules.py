@@ -133,7 +133,7 @@ class SparsityControl:
         self._config = self._config_for(window, keep_count(setting.keep_ratio, math.prod(window)), budget)
         self.threshold.fill_(setting.kv_threshold)
 
-    def attention(self, q, k, v, video_shape, token_order: str = "raster",
+    def attention(self, q, k, v, video_shape, *, token_order: str = "raster",
                   text_tokens: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """[B, Hq, S, D] attention as set (SDPA when dense, else BSA); records ``last_stats``.
         Dense attention is the same in any token order; BSA is told which order q, k, v are in and how
@@ -256,7 +256,8 @@ class BSAttention(nn.Module):
         if x.ndim != 3 or x.shape[1] != math.prod(check_triple("video_shape", video_shape)) + sum(text):
             raise ValueError(f"BSAttention x must be [B, prefix_tokens + T*H*W + suffix_tokens, dim] = "
                              f"[B, {text[0]} + {math.prod(video_shape)} + {text[1]}, dim], got {tuple(x.shape)}")
-        out = self.sparsity.attention(*self.project(x, video_shape, text), video_shape, self.token_order, text)
+        out = self.sparsity.attention(*self.project(x, video_shape, text), video_shape, token_order=self.token_order,
+                                      text_tokens=text)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))
 
 
