@@ -473,6 +473,16 @@ def test_registers_reach_every_video_token_under_bsa_and_the_output_is_the_video
     assert bool((per_token > 0).all())  # each token read the registers besides its selected KV blocks
 
 
+def test_a_model_with_registers_starts_from_the_weights_of_the_same_model_without():
+    torch.manual_seed(0)
+    plain = train.VideoDiT(4, (1, 2, 2), 32, 2, 2, None)
+    torch.manual_seed(0)
+    with_registers = train.VideoDiT(4, (1, 2, 2), 32, 2, 2, None, registers=3)
+    weights = with_registers.state_dict()
+    assert weights.pop("registers").shape == (3, 32)
+    assert all(torch.equal(weights[name], value) for name, value in plain.state_dict().items())
+
+
 def test_the_captured_attention_inputs_of_a_model_with_registers_are_its_video_tokens():
     model, clips = _model_with_registers(4)
     ((q, k, v, video_shape),) = dit.captured_qkv(model, clips, 0.5, torch.float32)

@@ -142,7 +142,6 @@ class VideoDiT(nn.Module):
                  bsa: BSAConfig | None, registers: int = 0):
         super().__init__()
         self.patch = patch
-        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02) if registers else None
         patch_dim = channels * math.prod(patch)
         self.embed = nn.Linear(patch_dim, width)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
@@ -153,6 +152,8 @@ class VideoDiT(nn.Module):
         for layer in (self.final_modulation, self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # drawn last, so that a model with registers starts from the same other weights as one without
+        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02) if registers else None
 
     @property
     def attention_layers(self) -> list[BSAttention]:
