@@ -14,7 +14,7 @@ from .attention import TOKEN_ORDERS, attention
 from .config import BSAConfig, keep_count
 from .order import tile_positions
 from .schedule import LayerSparsity
-from .validation import check_choice, check_real, check_text_tokens, check_triple, is_integer
+from .validation import check_choice, check_real, check_text_tokens, check_triple, check_video_shape, is_integer
 
 __all__ = ["BSAttention", "SparsityControl", "LayerStats", "rope_3d", "layer_stats"]
 
@@ -253,9 +253,10 @@ class BSAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, video_shape, *, prefix_tokens: int = 0, suffix_tokens: int = 0) -> torch.Tensor:
         text = check_text_tokens(prefix_tokens, suffix_tokens)
-        if x.ndim != 3 or x.shape[1] != math.prod(check_triple("video_shape", video_shape)) + sum(text):
-            raise ValueError(f"BSAttention x must be [B, prefix_tokens + T*H*W + suffix_tokens, dim] = "
-                             f"[B, {text[0]} + {math.prod(video_shape)} + {text[1]}, dim], got {tuple(x.shape)}")
+        if x.ndim != 3:
+            raise ValueError(f"BSAttention x must be [B, prefix_tokens + T*H*W + suffix_tokens, dim], "
+                             f"got {tuple(x.shape)}")
+        check_video_shape(video_shape, x.shape[1], text, sequence="x")
         out = self.sparsity.attention(*self.project(x, video_shape, text), video_shape, token_order=self.token_order,
                                       text_tokens=text)
         return self.out(rearrange(out, "b h s d -> b s (h d)"))

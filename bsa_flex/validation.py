@@ -97,13 +97,15 @@ def check_text_tokens(prefix_tokens, suffix_tokens) -> tuple[int, int]:
     return int(prefix_tokens), int(suffix_tokens)
 
 
-def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
-    """(T, H, W) as a tuple of positive ints whose product plus the non-video tokens is the sequence length."""
+def check_video_shape(video_shape, num_tokens: int, text_tokens: tuple[int, int] = (0, 0), *,
+                      sequence: str = "q") -> tuple[int, int, int]:
+    """(T, H, W) as a tuple of positive ints whose product plus the non-video tokens is the sequence length
+    of the argument named ``sequence``."""
     video_shape = check_triple("video_shape", video_shape)
     if math.prod(video_shape) + sum(text_tokens) != num_tokens:
         extra = "" if text_tokens == (0, 0) else f" plus {text_tokens[0]} prefix and {text_tokens[1]} suffix tokens"
         raise ValueError(f"video_shape {tuple(video_shape)} holds T*H*W = {math.prod(video_shape)} tokens{extra}, "
-                         f"but q has S = {num_tokens}")
+                         f"but {sequence} has S = {num_tokens}")
     return tuple(video_shape)
 
 

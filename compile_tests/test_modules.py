@@ -67,8 +67,10 @@ def test_text_tokens_join_the_attention_and_only_the_video_tokens_are_rotated(de
 
 def test_a_sequence_that_is_not_the_video_and_its_text_tokens_is_refused_naming_x():
     layer = _layer()
-    with pytest.raises(ValueError, match=r"x must be \[B, prefix_tokens \+ T\*H\*W \+ suffix_tokens, dim\]"):
+    with pytest.raises(ValueError, match=r"T\*H\*W = 256 tokens plus 4 prefix and 0 suffix tokens, but x has S = 256"):
         layer(_tokens(), VIDEO, prefix_tokens=4)
+    with pytest.raises(ValueError, match=r"x must be \[B, prefix_tokens \+ T\*H\*W \+ suffix_tokens, dim\]"):
+        layer(_tokens()[0], VIDEO)
     with pytest.raises(TypeError, match="prefix_tokens must be an int"):
         layer(_tokens(), VIDEO, prefix_tokens=1.5)
 
