@@ -483,6 +483,12 @@ def test_a_model_with_registers_starts_from_the_weights_of_the_same_model_withou
     assert all(torch.equal(weights[name], value) for name, value in plain.state_dict().items())
 
 
+@pytest.mark.parametrize("registers", [-1, 2.0])
+def test_a_register_count_that_is_not_a_non_negative_int_is_refused_by_name(registers):
+    with pytest.raises(ValueError, match="registers must be an int >= 0"):
+        train.VideoDiT(4, (1, 2, 2), 32, 1, 2, None, registers=registers)
+
+
 def test_the_captured_attention_inputs_of_a_model_with_registers_are_its_video_tokens():
     model, clips = _model_with_registers(4)
     ((q, k, v, video_shape),) = dit.captured_qkv(model, clips, 0.5, torch.float32)

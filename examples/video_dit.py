@@ -141,6 +141,8 @@ class VideoDiT(nn.Module):
     def __init__(self, channels: int, patch: tuple[int, int, int], width: int, layers: int, heads: int,
                  bsa: BSAConfig | None, registers: int = 0):
         super().__init__()
+        if not isinstance(registers, int) or registers < 0:
+            raise ValueError(f"registers must be an int >= 0 (learned tokens before the video's), got {registers!r}")
         self.patch = patch
         patch_dim = channels * math.prod(patch)
         self.embed = nn.Linear(patch_dim, width)
