@@ -443,6 +443,13 @@ def test_an_arm_with_per_layer_keep_ratios_prunes_queries_in_those_layers_only_a
     assert frontier.split_speedups(plain, speedups) == ((5.0, "bench.json"),) * 2
 
 
+def test_tiny_with_another_setting_is_a_usage_error(capsys):
+    frontier = _load("finetune_frontier")
+    with pytest.raises(SystemExit):
+        frontier.main(["pretrain", "--tiny", "--setting", "cpu", "--out", "unused"])
+    assert "cannot go with --setting cpu" in capsys.readouterr().err
+
+
 def test_the_per_layer_keep_arms_refuse_a_model_without_their_layers():
     frontier = _load("finetune_frontier")
     model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu")  # two layers; the arms name layer 3

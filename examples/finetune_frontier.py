@@ -601,8 +601,9 @@ def main(argv=None) -> None:
                                                      "several, comma-separated, one checkpoint each)")
     parser.add_argument("--seed", type=int, default=0, help="finetune: the seed (data stream and noise)")
     parser.add_argument("--arms", default=None, help="finetune: comma-separated arm names (default: all)")
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="gpu",
-                        help="pretrain: the model, data and step counts (the other commands take the checkpoint's)")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
+                        help="pretrain: the model, data and step counts (default: gpu; the other commands take "
+                             "the checkpoint's)")
     parser.add_argument("--tiny", action="store_true", help="the CPU smoke setting on the CPU (= --setting tiny)")
     parser.add_argument("--clips", type=int, default=4, help="training-free: validation clips (1-4)")
     parser.add_argument("--kernel", default="auto", help="finetune: BSAConfig.kernel of the BSA arms")
@@ -638,7 +639,9 @@ def main(argv=None) -> None:
     arms = ARMS if args.arms is None else [by_name[name] for name in args.arms.split(",")]  # in the order given
     if not 1 <= args.clips <= 4:
         parser.error(f"--clips must be 1 to 4 (the validation clips), got {args.clips}")
-    setting = SETTINGS["tiny" if args.tiny else args.setting]
+    if args.tiny and args.setting not in (None, "tiny"):
+        parser.error(f"--tiny is the tiny setting on the CPU; it cannot go with --setting {args.setting}")
+    setting = SETTINGS["tiny" if args.tiny else args.setting or "gpu"]
     if args.command == "pretrain":
         setting = dataclasses.replace(setting, scene=args.scene or setting.scene,
                                       pretrain_steps=args.pretrain_steps or setting.pretrain_steps,
