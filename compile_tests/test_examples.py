@@ -308,6 +308,18 @@ def test_pre_training_with_a_weights_average_of_decay_one_ends_on_the_initial_we
     assert not all(torch.equal(p, initial[name]) for name, p in model.named_parameters())
 
 
+def test_pre_training_with_a_weights_average_of_decay_zero_ends_on_the_last_weights():
+    frontier = _load("finetune_frontier")
+    setting = frontier.SETTINGS["tiny"]
+    ends = []
+    for ema in (None, 0.0):
+        torch.manual_seed(0)
+        model = frontier.build_model(setting, "cpu")
+        frontier.train_steps(model, setting, 2, 1e-2, seed=0, ema=ema)
+        ends.append(dict(model.named_parameters()))
+    assert all(torch.equal(p, ends[1][name]) for name, p in ends[0].items())
+
+
 def test_a_fine_tune_record_holds_the_validation_loss_at_each_flow_time_and_their_mean():
     frontier = _load("finetune_frontier")
     setting = frontier.SETTINGS["tiny"]

@@ -184,12 +184,10 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
             decay.step()
         if average is not None:
             with torch.no_grad():
-                for mean, p in zip(average, params):
-                    mean.lerp_(p, 1.0 - ema)
+                torch._foreach_lerp_(average, params, 1.0 - ema)  # one launch per step, as the optimisers' foreach
     if average is not None:
         with torch.no_grad():
-            for mean, p in zip(average, params):
-                p.copy_(mean)
+            torch._foreach_copy_(params, average)
     return losses
 
 
