@@ -21,9 +21,9 @@ from .config import BSAConfig
 from .modules import BSAttention, LayerStats, layer_stats, rope_3d
 from .order import TokenOrder, tile_order
 from .paths import BSAEagerWarning
-from .schedule import LayerSparsity, SparsitySchedule
+from .schedule import FlowTimeSplit, LayerSparsity, SparsitySchedule
 from .stats import BSAStats
 
 __all__ = ["attention", "BSAConfig", "BSAStats", "BSARecompileWarning", "BSAEagerWarning", "BSAttention",
-           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "LayerSparsity", "TokenOrder", "tile_order"]
+           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "FlowTimeSplit", "LayerSparsity", "TokenOrder", "tile_order"]
 __version__ = "0.1.0"

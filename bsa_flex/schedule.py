@@ -1,12 +1,16 @@
-"""SparsitySchedule: dense warm-up, then a stair ramp of BSA's knobs to their final values."""
+"""SparsitySchedule: dense warm-up, then a stair ramp of BSA's knobs to their final values;
+FlowTimeSplit: a schedule per range of the diffusion time."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
+import torch
+
 from .validation import check_choice, check_int, check_real, check_triple, is_integer
 
-__all__ = ["LayerSparsity", "SparsitySchedule"]
+__all__ = ["FlowTimeSplit", "LayerSparsity", "SparsitySchedule"]
 
 _OVERRIDABLE = ("final_keep_ratio", "final_kv_threshold", "final_kv_budget", "dense", "window")
 WINDOW_ALTERNATION = ("layer", "step")
@@ -150,3 +154,55 @@ class SparsitySchedule:
             layer.set_sparsity(setting)
             settings.append(setting)
         return settings
+
+
+@dataclass(frozen=True)
+class FlowTimeSplit:
+    """A :class:`SparsitySchedule` per range of the diffusion time: e.g. all queries and few KV blocks
+    at low noise, fewer queries and more KV blocks at high noise, at the same total sparsity.
+
+    ``boundaries`` (increasing, in the units of the time the model takes: a flow time in [0, 1]
+    with 1 = noise, or a scheduler's timestep) cut the time line into ``len(boundaries) + 1``
+    groups; group ``i`` holds the times ``boundaries[i - 1] <= t < boundaries[i]`` and runs
+    ``schedules[i]``. A layer runs one setting per call, so a batch whose samples fall into
+    several groups runs once per group (:meth:`groups`); a sampler sets the group of each step's time.
+    """
+
+    boundaries: tuple[float, ...]
+    schedules: tuple[SparsitySchedule, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.boundaries, (tuple, list)) or not self.boundaries:
+            raise TypeError(f"FlowTimeSplit.boundaries must be a non-empty tuple of times, got {self.boundaries!r}")
+        for i, time in enumerate(self.boundaries):
+            check_real(f"FlowTimeSplit.boundaries[{i}]", time, -math.inf, math.inf)
+        if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError(f"FlowTimeSplit.boundaries must increase, got {tuple(self.boundaries)!r}")
+        if not isinstance(self.schedules, (tuple, list)) or not all(
+                isinstance(s, SparsitySchedule) for s in self.schedules):
+            raise TypeError(f"FlowTimeSplit.schedules must be a tuple of SparsitySchedule, got {self.schedules!r}")
+        if len(self.schedules) != len(self.boundaries) + 1:
+            raise ValueError(f"FlowTimeSplit needs len(boundaries) + 1 = {len(self.boundaries) + 1} schedules "
+                             f"(one per group of times), got {len(self.schedules)}")
+        object.__setattr__(self, "boundaries", tuple(float(b) for b in self.boundaries))
+        object.__setattr__(self, "schedules", tuple(self.schedules))
+
+    def group_of(self, time: float) -> int:
+        """The group of one time: how many boundaries are at or below it."""
+        check_real("time", time, -math.inf, math.inf)
+        return sum(boundary <= time for boundary in self.boundaries)
+
+    def groups(self, times: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """The groups a batch's times fall into, in order, each with its rows: [(group, mask [N] bool)]."""
+        if not isinstance(times, torch.Tensor) or times.dim() != 1:
+            raise TypeError(f"times must be a 1-D tensor (one time per sample), got {times!r}")
+        index = torch.bucketize(times, torch.tensor(self.boundaries, dtype=times.dtype, device=times.device),
+                                right=True)
+        return [(int(group), index == group) for group in torch.unique(index).tolist()]
+
+    def apply(self, layers: Iterable, step: int, group: int) -> list[LayerSparsity]:
+        """Set every layer to its value at ``step`` in the schedule of ``group``."""
+        check_int("group", group, 0)
+        if group >= len(self.schedules):
+            raise ValueError(f"group must be below {len(self.schedules)} (the number of groups), got {group}")
+        return self.schedules[group].apply(layers, step)

@@ -455,6 +455,51 @@ def test_an_arm_with_per_layer_keep_ratios_prunes_queries_in_those_layers_only_a
     assert frontier.split_speedups(plain, speedups) == ((5.0, "bench.json"),) * 2
 
 
+def test_a_flow_time_split_arm_takes_its_groups_sparsities_and_the_sampler_weighted_speed_up():
+    frontier = _load("finetune_frontier")
+    arm = next(a for a in frontier.ARMS if a.name == "split_0.93_budget")
+    low, high = frontier.group_arms(arm)
+    assert (low.keep, low.kv_budget, high.keep, high.kv_budget) == (1.0, 4 / 64, 0.25, 18 / 64)
+    model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu", arm.fill)
+    split = frontier.FlowTimeSplit((0.75,), tuple(frontier.schedule_for(g, 0.6, 10, budget_in_schedule=True)
+                                                   for g in (low, high)))
+    at_time = frontier.setter_by_time(split, model.attention_layers, 10**6)
+    for t, keep, budget in ((0.5, 8, 4 / 64), (0.9, 2, 18 / 64)):
+        at_time(t)
+        assert {(layer.config.keep_per_window, layer.config.kv_budget) for layer in model.attention_layers} == {
+            (keep, budget)}
+    speedups = {(tokens, keep, 0.93): (s, "bench.json") for tokens in (23296, 153600)
+                for keep, s in ((1.0, 10.0), (0.25, 20.0))}
+    (small, _), (large, source) = frontier.split_speedups(dataclasses.asdict(arm), speedups, time_shift=3.0)
+    assert small == large == pytest.approx(1 / (0.5 / 10.0 + 0.5 / 20.0))  # shift 3: half the steps at t >= 0.75
+    assert "50% of the steps at keep 0.25" in source
+
+
+def test_a_flow_time_split_arm_fine_tunes_and_is_validated_group_by_group(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--out", str(tmp_path)])
+    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "split_0.93_budget"])
+    record, = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
+    low, high = record["sparsity_at_end_by_group"]
+    assert len(record["kv_threshold"]) == 2 and 0.5 < low < 1.0 and 0.5 < high < 1.0
+    assert record["sparsity_at_end"] == pytest.approx((low + high) / 2)
+
+
+def test_a_batch_run_once_per_group_of_rows_gets_the_gradient_of_one_run_over_all_rows():
+    torch.manual_seed(0)
+    model = train.VideoDiT(4, (1, 2, 2), 32, 1, 2, None)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    clean, noise, t = train.make_clips([1, 2, 3], 4, 8, 8, 4, "cpu"), torch.randn(3, 4, 4, 8, 8), torch.rand(3)
+    grads = []
+    for groups in (None, [(None, torch.tensor([True, False, True])), (None, torch.tensor([False, True, False]))]):
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train.train_step(model, optimiser, clean, noise, t, torch.float32, groups=groups)
+        grads.append((loss, [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(float(grads[1][0]), rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
 def test_tiny_with_another_setting_is_a_usage_error(capsys):
     frontier = _load("finetune_frontier")
     with pytest.raises(SystemExit):

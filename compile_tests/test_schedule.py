@@ -1,8 +1,10 @@
-"""SparsitySchedule: warm-up, stairs, final values, per-layer overrides, validation."""
+"""SparsitySchedule: warm-up, stairs, final values, per-layer overrides, validation; FlowTimeSplit: groups of times."""
 import pytest
 from hypothesis import given, strategies as st
 
-from bsa_flex import SparsitySchedule
+import torch
+
+from bsa_flex import FlowTimeSplit, SparsitySchedule
 
 
 @st.composite
@@ -127,3 +129,52 @@ def test_a_kv_budget_ramps_in_the_same_stairs_and_a_layer_override_replaces_its_
         [1.0, 1.0, 0.7, 0.4, 0.1, 0.1])
     assert [schedule.at(step, 0).kv_threshold for step in (29, 30)] == pytest.approx([1.0, 29 / 30])
     assert schedule.at(90, 1).kv_budget == pytest.approx(0.4)
+
+
+def _two_way_split(boundary: float = 0.75) -> FlowTimeSplit:
+    """All queries below the boundary, a quarter of them from it on."""
+    return FlowTimeSplit((boundary,), (SparsitySchedule(), SparsitySchedule(final_keep_ratio=0.25)))
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16), st.lists(st.floats(0.01, 0.99), min_size=1,
+                                                                       max_size=3, unique=True))
+def test_the_groups_of_a_batch_partition_it_and_each_row_is_in_the_group_of_its_time(times, boundaries):
+    split = FlowTimeSplit(tuple(sorted(boundaries)), (SparsitySchedule(),) * (len(boundaries) + 1))
+    t = torch.tensor(times, dtype=torch.float64)
+    groups = split.groups(t)
+    assert sum(mask.long() for _, mask in groups).tolist() == [1] * len(times)
+    for group, mask in groups:
+        assert all(split.group_of(time) == group for time in t[mask].tolist())
+
+
+def test_a_time_on_a_boundary_belongs_to_the_group_above():
+    split = _two_way_split(0.75)
+    assert [split.group_of(t) for t in (0.0, 0.7499, 0.75, 1.0)] == [0, 0, 1, 1]
+
+
+def test_applying_a_group_sets_every_layer_to_that_groups_schedule():
+    from bsa_flex import BSAConfig, BSAttention
+    layers = [BSAttention(32, 2, bsa=BSAConfig()) for _ in range(2)]
+    split = _two_way_split()
+    split.apply(layers, 0, 1)
+    assert [layer.config.keep_per_window for layer in layers] == [2, 2]  # a quarter of 2x2x2
+    split.apply(layers, 0, 0)
+    assert [layer.config.keep_per_window for layer in layers] == [8, 8]
+
+
+@pytest.mark.parametrize("boundaries, schedules, error, match", [
+    ((0.5, 0.5), 3, ValueError, "boundaries must increase"),
+    ((0.5,), 3, ValueError, r"needs len\(boundaries\) \+ 1 = 2 schedules"),
+    ((), 1, TypeError, "non-empty tuple of times"),
+    ((float("nan"),), 2, ValueError, r"boundaries\[0\]"),
+])
+def test_invalid_splits_are_rejected_naming_the_field(boundaries, schedules, error, match):
+    with pytest.raises(error, match=match):
+        FlowTimeSplit(boundaries, (SparsitySchedule(),) * schedules)
+
+
+def test_a_split_of_anything_but_schedules_or_a_group_past_the_last_is_rejected():
+    with pytest.raises(TypeError, match="tuple of SparsitySchedule"):
+        FlowTimeSplit((0.5,), (SparsitySchedule(), {"final_keep_ratio": 0.5}))
+    with pytest.raises(ValueError, match="group must be below 2"):
+        _two_way_split().apply([], 0, 2)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-from bsa_flex import BSAConfig, LayerSparsity, SparsitySchedule, layer_stats
+from bsa_flex import BSAConfig, FlowTimeSplit, LayerSparsity, SparsitySchedule, layer_stats
 from bsa_flex.extras import environment, pyplot_or_none
 from bsa_flex.kernels import choose_kernel, kernel_facts
 
@@ -96,7 +97,9 @@ class Arm:
     kv_budget: the KV rule's cap as a share of the KV blocks (``BSAConfig.kv_budget``: rounded up to a count),
     None for none; with a cap the KV threshold is calibrated under it, so the cap rather than p sets most rows'
     block count. budget_ramp: the cap comes down in the arm's stairs from every block
-    (``SparsitySchedule.final_kv_budget``) instead of holding from the first step.
+    (``SparsitySchedule.final_kv_budget``) instead of holding from the first step. high_noise: (t0, keep,
+    kv_budget): from flow time t0 on, that keep ratio and KV budget instead (p calibrated to the same target),
+    a ``bsa_flex.FlowTimeSplit`` of two groups.
     """
 
     name: str
@@ -107,6 +110,7 @@ class Arm:
     layer_keep: tuple[tuple[int, float], ...] = ()
     kv_budget: float | None = None
     budget_ramp: bool = False
+    high_noise: tuple[float, float, float | None] = ()
 
 
 ARMS = [Arm("dense")]
@@ -130,6 +134,13 @@ ARMS += [Arm("kv_0.90_q13", 1.0, 0.90, layer_keep=((1, 0.5), (3, 0.5))),
 ARMS += [Arm(f"kv_{s:.2f}_budget", 1.0, s, kv_budget=round((1.0 - s) * 64) / 64) for s in (0.90, 0.93)]
 ARMS += [Arm("bsa_0.93_budget", 0.5, 0.93, kv_budget=9 / 64)]  # keep 0.5: the KV side at 0.86
 ARMS += [Arm("kv_0.93_budget_ramp", 1.0, 0.93, kv_budget=4 / 64, budget_ramp=True)]  # kv_0.93_budget's 4, in stairs
+# fewer queries, more KV blocks at the same total (the KV side at 0.72 / 0.44): where the flow time is high, the
+# checkpoint's attention is global (2026-12-05, training-free, the KV-only arm's loss at t = 0.95 is 3.8x dense's)
+ARMS += [Arm("bsa_0.93_keep0.25_budget", 0.25, 0.93, kv_budget=18 / 64),
+         Arm("bsa_0.93_keep0.125_budget", 0.125, 0.93, kv_budget=36 / 64)]
+# ... and the split by flow time that measurement suggests: every query and 4 of 64 KV blocks below t = 0.75 (the
+# KV-only arm was the best 0.93 split there), a quarter of the queries and 18 blocks from it on (the best there)
+ARMS += [Arm("split_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=(0.75, 0.25, 18 / 64))]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
@@ -155,7 +166,8 @@ def checkpoint_model(setting: Setting, out: str, device, arm: Arm | None = None,
     """The dense checkpoint under ``out`` in a model built for ``arm`` (its fill rule, and its KV budget unless a
     schedule ramps it; None: the defaults), dense until a schedule says otherwise."""
     arm = Arm("dense") if arm is None else arm
-    model = build_model(setting, device, arm.fill, kernel, None if arm.budget_ramp else arm.kv_budget)
+    budget_in_config = not (arm.budget_ramp or arm.high_noise)  # else the schedule sets it
+    model = build_model(setting, device, arm.fill, kernel, arm.kv_budget if budget_in_config else None)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     return model
 
@@ -164,7 +176,8 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
                 lr_final: float | None = None, ema: float | None = None) -> list[float]:
     """``steps`` AdamW steps of flow matching on the seed's data stream and noise (learning rate ``lr``,
     cosine-decayed to ``lr_final`` where given); the training losses. With ``ema`` the model ends holding
-    the exponential moving average of its weights (that decay per step) instead of the last weights."""
+    the exponential moving average of its weights (that decay per step) instead of the last weights. ``schedule``:
+    a SparsitySchedule, or a FlowTimeSplit (each step's batch runs once per group of its flow times)."""
     device = next(model.parameters()).device
     dtype = autocast_dtype(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -174,12 +187,16 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
     average = None if ema is None else [p.detach().clone() for p in params]
     losses = []
     for step in range(steps):
-        if schedule is not None:
-            schedule.apply(model.attention_layers, step)
         clean = make_clips([seed * 1_000_000 + step * setting.batch + i for i in range(setting.batch)],
                            *setting.latent, setting.channels, device, scene=setting.scene)
         noise, t = step_noise(step, clean.shape, device, salt=seed, shift=setting.time_shift)
-        losses.append(float(train_step(model, optimiser, clean, noise, t, dtype)))
+        groups = None
+        if isinstance(schedule, FlowTimeSplit):
+            groups = [(functools.partial(schedule.apply, model.attention_layers, step, group), rows)
+                      for group, rows in schedule.groups(t)]
+        elif schedule is not None:
+            schedule.apply(model.attention_layers, step)
+        losses.append(float(train_step(model, optimiser, clean, noise, t, dtype, groups=groups)))
         if decay is not None:
             decay.step()
         if average is not None:
@@ -195,9 +212,10 @@ def validation_clips(setting: Setting, device) -> torch.Tensor:
     return make_clips([900_000 + i for i in range(4)], *setting.latent, setting.channels, device, scene=setting.scene)
 
 
-def validation_record(model, clips, dtype) -> dict:
-    """val_loss (the mean) and val_loss_by_time (one per video_dit.VALIDATION_TIMES: where a gap sits in the flow)."""
-    by_time = validation_losses(model, clips, dtype)
+def validation_record(model, clips, dtype, at_time=None) -> dict:
+    """val_loss (the mean) and val_loss_by_time (one per video_dit.VALIDATION_TIMES: where a gap sits in the flow);
+    ``at_time``: see ``setter_by_time``."""
+    by_time = validation_losses(model, clips, dtype, at_time)
     return {"val_loss": sum(by_time) / len(by_time), "val_loss_by_time": by_time}
 
 
@@ -216,20 +234,23 @@ def training_kernel(requested: str, setting: Setting, device, dtype) -> str:
     return choose_kernel(requested, kernel_facts(probe, setting.block_size, True, False))[0]
 
 
-def schedule_for(arm: Arm, threshold: float, steps: int) -> SparsitySchedule:
-    """The arm's ramp: stairs every 30 steps (or steps/10) over the first 60% of the steps."""
+def schedule_for(arm: Arm, threshold: float, steps: int, budget_in_schedule: bool = False) -> SparsitySchedule:
+    """The arm's ramp: stairs every 30 steps (or steps/10) over the first 60% of the steps. The KV budget is the
+    schedule's where it ramps, or held from the start with ``budget_in_schedule`` (else the model's config)."""
     ramp = int(0.6 * steps)
+    in_schedule = arm.budget_ramp or budget_in_schedule
     return SparsitySchedule(final_keep_ratio=arm.keep, final_kv_threshold=threshold, ramp_steps=ramp,
-                            final_kv_budget=arm.kv_budget if arm.budget_ramp else None,
+                            final_kv_budget=arm.kv_budget if in_schedule else None,
+                            start_kv_budget=1.0 if arm.budget_ramp or arm.kv_budget is None else arm.kv_budget,
                             every=max(1, min(30, ramp // 10)), start_keep_ratio=max(arm.keep, 0.75),
                             windows=arm.windows,
                             layer_overrides={layer: {"final_keep_ratio": keep} for layer, keep in arm.layer_keep})
 
 
-def calibrate(model, arm: Arm, clips, dtype, steps: int = 12) -> tuple[float, float]:
+def calibrate(model, arm: Arm, clips, dtype, steps: int = 12, budget_in_schedule: bool = False) -> tuple[float, float]:
     """The final KV threshold p whose total sparsity on the checkpoint is closest to the arm's target:
     (p, that sparsity). Bisection over p (a tensor: no recompiles)."""
-    final = schedule_for(arm, 1.0, 10)
+    final = schedule_for(arm, 1.0, 10, budget_in_schedule)
     lo, hi, best = 1e-4, 1.0, None
     for _ in range(steps):
         p = 0.5 * (lo + hi)
@@ -240,6 +261,46 @@ def calibrate(model, arm: Arm, clips, dtype, steps: int = 12) -> tuple[float, fl
             best = (p, achieved)
         lo, hi = (p, hi) if achieved > arm.target else (lo, p)
     return best
+
+
+def group_arms(arm: Arm) -> list[Arm]:
+    """The arm's setting per group of flow times: itself, or its own below and ``high_noise``'s from that time."""
+    if not arm.high_noise:
+        return [arm]
+    low = dataclasses.replace(arm, high_noise=())
+    _, keep, budget = arm.high_noise
+    return [low, dataclasses.replace(low, keep=keep, kv_budget=budget)]
+
+
+def calibrated_schedule(model, arm: Arm, clips, dtype, steps: int) -> tuple:
+    """The arm's ramp over ``steps`` at its calibrated p: (SparsitySchedule, or FlowTimeSplit for a high_noise
+    arm; p per group; the sparsity reached per group on the checkpoint)."""
+    if not arm.high_noise:
+        p, sparsity = calibrate(model, arm, clips, dtype)
+        return schedule_for(arm, p, steps), [p], [sparsity]
+    groups = group_arms(arm)
+    found = [calibrate(model, group, clips, dtype, budget_in_schedule=True) for group in groups]
+    schedules = tuple(schedule_for(group, p, steps, budget_in_schedule=True) for group, (p, _) in zip(groups, found))
+    return FlowTimeSplit((arm.high_noise[0],), schedules), [p for p, _ in found], [s for _, s in found]
+
+
+def setter_by_time(schedule, layers, step: int):
+    """For validation and sampling: a callback setting the layers to a FlowTimeSplit's group of a flow time, at
+    ``step``; None for anything else (one setting at every time)."""
+    if not isinstance(schedule, FlowTimeSplit):
+        return None
+    return lambda t: schedule.apply(layers, step, schedule.group_of(t))
+
+
+def sparsity_by_group(model, schedule, clips, dtype, step: int) -> list[float]:
+    """Total sparsity of each FlowTimeSplit group's setting at ``step``; of the layers' current setting otherwise."""
+    if not isinstance(schedule, FlowTimeSplit):
+        return [sparsity_of(model, clips, dtype)]
+    found = []
+    for group in range(len(schedule.schedules)):
+        schedule.apply(model.attention_layers, step, group)
+        found.append(sparsity_of(model, clips, dtype))
+    return found
 
 
 # ----------------------------------------------------------------------------- commands
@@ -294,11 +355,11 @@ def measure_concentration(out: str, device) -> dict:
     return record
 
 
-def save_samples(model, clips, dtype, path: str, name: str, shift: float) -> None:
+def save_samples(model, clips, dtype, path: str, name: str, shift: float, at_time=None) -> None:
     """Euler steps (``SAMPLE_STEPS``, moved by the training's time ``shift``) from fixed noise for the validation
-    batch (its shape: no new graph); the first clip."""
+    batch (its shape: no new graph); the first clip. ``at_time``: see ``setter_by_time``."""
     noise, _ = step_noise(30_000_000, clips.shape, clips.device, salt=5)
-    x = sample(model, noise, SAMPLE_STEPS, dtype, shift=shift)
+    x = sample(model, noise, SAMPLE_STEPS, dtype, shift=shift, at_time=at_time)
     torch.save({"data": clips[:1].cpu(), name: x[:1].cpu()}, path)
 
 
@@ -314,19 +375,24 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     clips = validation_clips(setting, device)
     record = {"arm": dataclasses.asdict(arm), "run": label, "finetune_steps": setting.finetune_steps, "seed": seed,
               "kernel_requested": kernel}
-    schedule = None
+    schedule, steps = None, setting.finetune_steps
     if arm.keep is not None:
-        threshold, record["sparsity_at_start"] = calibrate(model, arm, clips, dtype)
-        record["kv_threshold"] = threshold
-        schedule = schedule_for(arm, threshold, setting.finetune_steps)
+        schedule, thresholds, start_sparsity = calibrated_schedule(model, arm, clips, dtype, steps)
+        record.update(kv_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
+                      sparsity_at_start=statistics.fmean(start_sparsity))
     start = time.perf_counter()
-    losses = train_steps(model, setting, setting.finetune_steps, setting.finetune_lr, seed, schedule)
-    record.update(wall_s=time.perf_counter() - start, train_loss=losses[::5], **validation_record(model, clips, dtype))
-    record["sparsity_at_end"] = 0.0 if schedule is None else sparsity_of(model, clips, dtype)
+    losses = train_steps(model, setting, steps, setting.finetune_lr, seed, schedule)
+    at_time = setter_by_time(schedule, model.attention_layers, steps)  # the ramp's end (at 60% of the steps)
+    record.update(wall_s=time.perf_counter() - start, train_loss=losses[::5],
+                  **validation_record(model, clips, dtype, at_time))
+    record["sparsity_at_end"] = 0.0
     if schedule is not None:
-        record["kernel"] = training_kernel(kernel, setting, device, dtype)
+        by_group = sparsity_by_group(model, schedule, clips, dtype, steps)
+        record.update(sparsity_at_end=statistics.fmean(by_group), kernel=training_kernel(kernel, setting, device, dtype))
+        if len(by_group) > 1:
+            record["sparsity_at_end_by_group"] = by_group
     if seed == 0:
-        save_samples(model, clips, dtype, os.path.join(out, f"samples_{label}.pt"), label, setting.time_shift)
+        save_samples(model, clips, dtype, os.path.join(out, f"samples_{label}.pt"), label, setting.time_shift, at_time)
     return record
 
 
@@ -339,11 +405,15 @@ def training_free(setting: Setting, out: str, device, arms, clips: int) -> dict:
     rows = []
     for arm in [Arm("dense")] + [a for a in arms if a.keep is not None]:
         model = checkpoint_model(setting, out, device, arm)
-        row = {"arm": arm.name, "kv_threshold": None, "sparsity": 0.0}
+        row, at_time = {"arm": arm.name, "kv_threshold": None, "sparsity": 0.0}, None
         if arm.keep is not None:
-            row["kv_threshold"], row["sparsity"] = calibrate(model, arm, validation, dtype)
-            schedule_for(arm, row["kv_threshold"], 10).apply(model.attention_layers, 10**6)  # the ramp's end at that p
-        rows.append({**row, **validation_record(model, validation, dtype)})
+            schedule, thresholds, sparsities = calibrated_schedule(model, arm, validation, dtype, 10)
+            row.update(kv_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
+                       sparsity=statistics.fmean(sparsities))
+            at_time = setter_by_time(schedule, model.attention_layers, 10**6)  # the ramp's end at that p
+            if at_time is None:
+                schedule.apply(model.attention_layers, 10**6)
+        rows.append({**row, **validation_record(model, validation, dtype, at_time)})
         print(f"{arm.name:>22}: sparsity {row['sparsity']:.3f}, val {rows[-1]['val_loss']:.4f} "
               f"({rows[-1]['val_loss'] / rows[0]['val_loss'] - 1:+.1%}); by time "
               + " ".join(f"{x:.3f}" for x in rows[-1]["val_loss_by_time"]), flush=True)
@@ -406,17 +476,29 @@ def bench_speedups(paths: list[str]) -> dict:
     return found
 
 
-def split_speedups(arm: dict, speedups: dict) -> tuple[tuple, tuple]:
+def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[tuple, tuple]:
     """(speed-up, bench file) at 23,296 and at 153,600 tokens of the arm's split, (None, None) where the bench has
-    none: an arm whose keep ratio differs by layer (``layer_keep``) has no bench split."""
+    none: an arm whose keep ratio differs by layer (``layer_keep``) has no bench split. A ``high_noise`` arm runs
+    each group's split for the share of a sampler's steps in that group (uniform steps moved by ``time_shift``):
+    its time is the weighted sum of theirs."""
     if arm.get("layer_keep"):
         return (None, None), (None, None)
-    return tuple(speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
+    if not arm.get("high_noise"):
+        return tuple(speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
+    t0, high_keep, _ = arm["high_noise"]
+    high_share = 1.0 - t0 / (time_shift - (time_shift - 1.0) * t0)  # the sampler's steps at t >= t0
+    found = []
+    for tokens in (23296, 153600):
+        low, high = (speedups.get((tokens, keep, arm["target"])) for keep in (arm["keep"], high_keep))
+        found.append((None, None) if low is None or high is None else
+                     (1.0 / ((1.0 - high_share) / low[0] + high_share / high[0]),
+                      f"{low[1]} and {high[1]}, {high_share:.0%} of the steps at keep {high_keep}"))
+    return tuple(found)
 
 
-def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
+def frontier_rows(records: list[dict], speedups: dict, time_shift: float = 1.0) -> list[dict]:
     """One fine-tune row per BSA run (arm and step count): loss mean and spread over seeds, gap to the dense arm
-    of the same step count, speed-ups of its split."""
+    of the same step count, speed-ups of its split (``time_shift``: the sampler's, for a split by flow time)."""
     by_run, dense_by_steps = {}, {}
     for r in records:
         if r["arm"]["keep"] is None:
@@ -428,9 +510,10 @@ def frontier_rows(records: list[dict], speedups: dict) -> list[dict]:
         arm, loss = runs[0]["arm"], mean_std([r["val_loss"] for r in runs])
         dense_runs = dense_by_steps.get(runs[0]["finetune_steps"], [])
         dense = mean_std([r["val_loss"] for r in dense_runs] or [float("nan")])
-        small, large = split_speedups(arm, speedups)
+        small, large = split_speedups(arm, speedups, time_shift)
         rows.append({"regime": "fine-tune", "arm": name, "finetune_steps": runs[0]["finetune_steps"],
                      "query_keep_ratio": arm["keep"], "layer_keep": arm.get("layer_keep", []), "fill": arm["fill"],
+                     "high_noise": arm.get("high_noise") or None,
                      "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],
@@ -538,7 +621,7 @@ def checkpoint_rows(out: str, speedups: dict) -> tuple[list[dict], list[dict], d
     name = os.path.basename(os.path.normpath(out))
     setting = checkpoint_setting(out)
     rows = [{**row, "checkpoint": name, "scene": setting.scene, "registers": setting.registers,
-             "tokens": setting.tokens} for row in frontier_rows(records, speedups)]
+             "tokens": setting.tokens} for row in frontier_rows(records, speedups, setting.time_shift)]
     kept = [{"checkpoint": name, **{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss",
                                                      "sparsity_at_start", "sparsity_at_end", "kv_threshold",
                                                      "wall_s") if k in r}} for r in records]

@@ -186,24 +186,38 @@ def autocast_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Rectified flow: x_t = (1 - t) x0 + t eps, predict the velocity eps - x0 (mean squared error)."""
+def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, predict the velocity eps - x0 (mean squared error).
+    ``rows`` ([N] bool): the batch's mean counting those samples' errors only (the others' count 0)."""
     tt = t[:, None, None, None, None]
     noisy = (1 - tt) * clean + tt * noise
-    return F.mse_loss(model(noisy, t).float(), (noise - clean).float())
+    prediction, target = model(noisy, t).float(), (noise - clean).float()
+    if rows is None:
+        return F.mse_loss(prediction, target)
+    per_sample = (prediction - target).square().flatten(1).mean(1)
+    return torch.where(rows, per_sample, 0.0).sum() / rows.numel()
 
 
 def train_step(model: nn.Module, optimiser, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, dtype,
-               runner: nn.Module | None = None) -> torch.Tensor:
+               runner: nn.Module | None = None, groups=None) -> torch.Tensor:
     """One optimiser step of flow matching (autocast to ``dtype``, gradient norm clipped at 1); the loss.
-    ``runner``: what computes the forward (e.g. the compiled model), default ``model``."""
-    with torch.autocast(clean.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = flow_loss(model if runner is None else runner, clean, noise, t)
+    ``runner``: what computes the forward (e.g. the compiled model), default ``model``. ``groups``:
+    (set_up, rows) pairs: the whole batch runs once per pair after ``set_up()`` (e.g. the sparsity of a
+    ``FlowTimeSplit`` group), its loss counting ``rows`` only, so that every run keeps the batch's shape
+    (no graph per group size); the gradients add up. Default: one run counting every sample."""
     optimiser.zero_grad(set_to_none=True)
-    loss.backward()
+    total = torch.zeros((), device=clean.device)
+    for set_up, rows in [(None, None)] if groups is None else groups:
+        if set_up is not None:
+            set_up()
+        with torch.autocast(clean.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = flow_loss(model if runner is None else runner, clean, noise, t, rows)
+        loss.backward()
+        total += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimiser.step()
-    return loss.detach()
+    return total
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -227,10 +241,13 @@ VALIDATION_TIMES = tuple(torch.linspace(0.05, 0.95, 8).tolist())
 
 
 @torch.no_grad()
-def validation_losses(model: nn.Module, clips: torch.Tensor, dtype) -> list[float]:
-    """Flow loss over the held-out clips at each of ``VALIDATION_TIMES``, with fixed noise per time."""
+def validation_losses(model: nn.Module, clips: torch.Tensor, dtype, at_time=None) -> list[float]:
+    """Flow loss over the held-out clips at each of ``VALIDATION_TIMES``, with fixed noise per time;
+    ``at_time(t)`` (e.g. a FlowTimeSplit's setting for t) is called before each time's forward."""
     losses = []
     for i, t_value in enumerate(VALIDATION_TIMES):
+        if at_time is not None:
+            at_time(t_value)
         noise, _ = step_noise(10_000_000 + i, clips.shape, clips.device, salt=7)
         t = torch.full((clips.shape[0],), t_value, device=clips.device)
         with torch.autocast(clips.device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -245,12 +262,16 @@ def validation_loss(model: nn.Module, clips: torch.Tensor, dtype) -> float:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype, shift: float = 1.0) -> torch.Tensor:
+def sample(model: nn.Module, noise: torch.Tensor, steps: int, dtype, shift: float = 1.0,
+           at_time=None) -> torch.Tensor:
     """Euler integration of the learned flow from t = 1 (noise) to t = 0 (data), on ``steps`` uniform steps
-    moved by ``shift_time`` (the shift the model was trained with: more steps where it decides the layout)."""
+    moved by ``shift_time`` (the shift the model was trained with: more steps where it decides the layout);
+    ``at_time(t)`` is called before each step's forward."""
     times = shift_time(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
     x = noise.clone()
     for t_now, t_next in zip(times[:-1], times[1:]):
+        if at_time is not None:
+            at_time(t_now)
         t = torch.full((x.shape[0],), t_now, device=x.device)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = x + (t_next - t_now) * model(x, t).float()
