@@ -472,7 +472,7 @@ def test_a_flow_time_split_arm_takes_its_groups_sparsities_and_the_sampler_weigh
                 for keep, s in ((1.0, 10.0), (0.25, 20.0))}
     (small, _), (large, source) = frontier.split_speedups(dataclasses.asdict(arm), speedups, time_shift=3.0)
     assert small == large == pytest.approx(1 / (0.5 / 10.0 + 0.5 / 20.0))  # shift 3: half the steps at t >= 0.75
-    assert "50% of the steps at keep 0.25" in source
+    assert "keep 0.25 on 50% of the steps" in source
 
 
 def test_a_flow_time_split_arm_fine_tunes_and_is_validated_group_by_group(tmp_path):

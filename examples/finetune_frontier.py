@@ -98,8 +98,8 @@ class Arm:
     None for none; with a cap the KV threshold is calibrated under it, so the cap rather than p sets most rows'
     block count. budget_ramp: the cap comes down in the arm's stairs from every block
     (``SparsitySchedule.final_kv_budget``) instead of holding from the first step. high_noise: (t0, keep,
-    kv_budget): from flow time t0 on, that keep ratio and KV budget instead (p calibrated to the same target),
-    a ``bsa_flex.FlowTimeSplit`` of two groups.
+    kv_budget) triples, t0 increasing: from flow time t0 on, that keep ratio and KV budget instead (p calibrated
+    to the same target), a ``bsa_flex.FlowTimeSplit`` of one group more than triples.
     """
 
     name: str
@@ -110,7 +110,7 @@ class Arm:
     layer_keep: tuple[tuple[int, float], ...] = ()
     kv_budget: float | None = None
     budget_ramp: bool = False
-    high_noise: tuple[float, float, float | None] = ()
+    high_noise: tuple[tuple[float, float, float | None], ...] = ()
 
 
 ARMS = [Arm("dense")]
@@ -140,7 +140,8 @@ ARMS += [Arm("bsa_0.93_keep0.25_budget", 0.25, 0.93, kv_budget=18 / 64),
          Arm("bsa_0.93_keep0.125_budget", 0.125, 0.93, kv_budget=36 / 64)]
 # ... and the split by flow time that measurement suggests: every query and 4 of 64 KV blocks below t = 0.75 (the
 # KV-only arm was the best 0.93 split there), a quarter of the queries and 18 blocks from it on (the best there)
-ARMS += [Arm("split_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=(0.75, 0.25, 18 / 64))]
+ARMS += [Arm("split_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=((0.75, 0.25, 18 / 64),)),
+         Arm("split3_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=((0.75, 0.25, 18 / 64), (0.9, 0.125, 36 / 64)))]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
@@ -264,12 +265,10 @@ def calibrate(model, arm: Arm, clips, dtype, steps: int = 12, budget_in_schedule
 
 
 def group_arms(arm: Arm) -> list[Arm]:
-    """The arm's setting per group of flow times: itself, or its own below and ``high_noise``'s from that time."""
-    if not arm.high_noise:
-        return [arm]
+    """The arm's setting per group of flow times: itself, or its own below the first ``high_noise`` time and each
+    triple's from its time."""
     low = dataclasses.replace(arm, high_noise=())
-    _, keep, budget = arm.high_noise
-    return [low, dataclasses.replace(low, keep=keep, kv_budget=budget)]
+    return [low] + [dataclasses.replace(low, keep=keep, kv_budget=budget) for _, keep, budget in arm.high_noise]
 
 
 def calibrated_schedule(model, arm: Arm, clips, dtype, steps: int) -> tuple:
@@ -281,7 +280,8 @@ def calibrated_schedule(model, arm: Arm, clips, dtype, steps: int) -> tuple:
     groups = group_arms(arm)
     found = [calibrate(model, group, clips, dtype, budget_in_schedule=True) for group in groups]
     schedules = tuple(schedule_for(group, p, steps, budget_in_schedule=True) for group, (p, _) in zip(groups, found))
-    return FlowTimeSplit((arm.high_noise[0],), schedules), [p for p, _ in found], [s for _, s in found]
+    boundaries = tuple(t0 for t0, _, _ in arm.high_noise)
+    return FlowTimeSplit(boundaries, schedules), [p for p, _ in found], [s for _, s in found]
 
 
 def setter_by_time(schedule, layers, step: int):
@@ -483,16 +483,21 @@ def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[
     its time is the weighted sum of theirs."""
     if arm.get("layer_keep"):
         return (None, None), (None, None)
-    if not arm.get("high_noise"):
-        return tuple(speedups.get((tokens, arm["keep"], arm["target"]), (None, None)) for tokens in (23296, 153600))
-    t0, high_keep, _ = arm["high_noise"]
-    high_share = 1.0 - t0 / (time_shift - (time_shift - 1.0) * t0)  # the sampler's steps at t >= t0
+    keeps = [arm["keep"]] + [keep for _, keep, _ in arm.get("high_noise") or ()]
+    # the share of uniform sampler steps u whose shifted time is at or above each boundary, then per group
+    above = [1.0] + [1.0 - t0 / (time_shift - (time_shift - 1.0) * t0) for t0, _, _ in arm.get("high_noise") or ()]
+    shares = [a - b for a, b in zip(above, above[1:] + [0.0])]
     found = []
     for tokens in (23296, 153600):
-        low, high = (speedups.get((tokens, keep, arm["target"])) for keep in (arm["keep"], high_keep))
-        found.append((None, None) if low is None or high is None else
-                     (1.0 / ((1.0 - high_share) / low[0] + high_share / high[0]),
-                      f"{low[1]} and {high[1]}, {high_share:.0%} of the steps at keep {high_keep}"))
+        per_group = [speedups.get((tokens, keep, arm["target"])) for keep in keeps]
+        if any(g is None for g in per_group):
+            found.append((None, None))
+        elif len(keeps) == 1:
+            found.append(per_group[0])
+        else:
+            found.append((1.0 / sum(share / g[0] for share, g in zip(shares, per_group)),
+                          ", ".join(f"keep {keep} on {share:.0%} of the steps from {g[1]}"
+                                    for keep, share, g in zip(keeps, shares, per_group))))
     return tuple(found)
 
 
