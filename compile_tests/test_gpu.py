@@ -405,20 +405,25 @@ def test_tile_order_gives_the_raster_results_forward_and_backward(kernel):
         torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("text", [(0, 0), (5, 3)])
 @pytest.mark.parametrize("kernel", BOTH_KERNELS)
-def test_a_compiled_bsattention_in_tile_order_gives_the_raster_layer_results(kernel):
+def test_a_compiled_bsattention_in_tile_order_gives_the_raster_layer_results(kernel, text):
     """The layer inlined into a compiled caller, k and v as the projection made them (different
-    strides, no copies), 2,048 tokens without padding, bf16: the raster layer's output and its
-    parameter gradients to bf16 rounding."""
+    strides, no copies), 2,048 video tokens without padding (and 5 + 3 text tokens), bf16: the
+    raster layer's output and its parameter gradients to bf16 rounding."""
     video_shape, config = (8, 16, 16), BSAConfig(kv_threshold=0.7, query_keep_ratio=0.5, kernel=kernel)
-    to_tile, to_raster = bsa_flex.tile_order(video_shape, config, device=CUDA)
-    x = torch.randn(1, 2048, 512, device=CUDA, dtype=torch.bfloat16, generator=torch.Generator(CUDA).manual_seed(0))
+    prefix, suffix = text
+    to_tile, to_raster = bsa_flex.tile_order(video_shape, config, device=CUDA, prefix_tokens=prefix,
+                                             suffix_tokens=suffix)
+    x = torch.randn(1, prefix + 2048 + suffix, 512, device=CUDA, dtype=torch.bfloat16,
+                    generator=torch.Generator(CUDA).manual_seed(0))
     runs = []
     for order in ("raster", "tile"):
         torch.manual_seed(0)
         layer = bsa_flex.BSAttention(512, 4, bsa=config, rope=bsa_flex.rope_3d, token_order=order)
         layer = layer.to(CUDA, torch.bfloat16)
-        out = torch.compile(layer)(x[:, to_tile] if order == "tile" else x, video_shape)
+        out = torch.compile(layer)(x[:, to_tile] if order == "tile" else x, video_shape, prefix_tokens=prefix,
+                                   suffix_tokens=suffix)
         out = out[:, to_raster] if order == "tile" else out
         out.float().square().sum().backward()
         runs.append((out.detach().float(), [p.grad.float() for p in layer.parameters()]))
