@@ -25,5 +25,6 @@ from .schedule import FlowTimeSplit, LayerSparsity, SparsitySchedule
 from .stats import BSAStats
 
 __all__ = ["attention", "BSAConfig", "BSAStats", "BSARecompileWarning", "BSAEagerWarning", "BSAttention",
-           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "FlowTimeSplit", "LayerSparsity", "TokenOrder", "tile_order"]
+           "LayerStats", "layer_stats", "rope_3d", "SparsitySchedule", "FlowTimeSplit", "LayerSparsity", "TokenOrder",
+           "tile_order"]
 __version__ = "0.1.0"

@@ -196,9 +196,9 @@ class FlowTimeSplit:
         """The groups a batch's times fall into, in order, each with its rows: [(group, mask [N] bool)]."""
         if not isinstance(times, torch.Tensor) or times.dim() != 1:
             raise TypeError(f"times must be a 1-D tensor (one time per sample), got {times!r}")
-        index = torch.bucketize(times, torch.tensor(self.boundaries, dtype=times.dtype, device=times.device),
-                                right=True)
-        return [(int(group), index == group) for group in torch.unique(index).tolist()]
+        found = [self.group_of(time) for time in times.tolist()]
+        index = torch.tensor(found, device=times.device)
+        return [(group, index == group) for group in sorted(set(found))]
 
     def apply(self, layers: Iterable, step: int, group: int) -> list[LayerSparsity]:
         """Set every layer to its value at ``step`` in the schedule of ``group``."""

@@ -273,23 +273,26 @@ def group_arms(arm: Arm) -> list[Arm]:
 
 def calibrated_schedule(model, arm: Arm, clips, dtype, steps: int) -> tuple:
     """The arm's ramp over ``steps`` at its calibrated p: (SparsitySchedule, or FlowTimeSplit for a high_noise
-    arm; p per group; the sparsity reached per group on the checkpoint)."""
+    arm; its p, a list of one per group for a split; the mean over groups of the sparsity reached on the
+    checkpoint)."""
     if not arm.high_noise:
         p, sparsity = calibrate(model, arm, clips, dtype)
-        return schedule_for(arm, p, steps), [p], [sparsity]
+        return schedule_for(arm, p, steps), p, sparsity
     groups = group_arms(arm)
     found = [calibrate(model, group, clips, dtype, budget_in_schedule=True) for group in groups]
     schedules = tuple(schedule_for(group, p, steps, budget_in_schedule=True) for group, (p, _) in zip(groups, found))
     boundaries = tuple(t0 for t0, _, _ in arm.high_noise)
-    return FlowTimeSplit(boundaries, schedules), [p for p, _ in found], [s for _, s in found]
+    return FlowTimeSplit(boundaries, schedules), [p for p, _ in found], statistics.fmean(s for _, s in found)
 
 
 def setter_by_time(schedule, layers, step: int):
-    """For validation and sampling: a callback setting the layers to a FlowTimeSplit's group of a flow time, at
-    ``step``; None for anything else (one setting at every time)."""
-    if not isinstance(schedule, FlowTimeSplit):
+    """For validation and sampling: a callback setting the layers to the schedule's value at ``step`` for a flow
+    time (a FlowTimeSplit's group of that time); None without a schedule (dense)."""
+    if schedule is None:
         return None
-    return lambda t: schedule.apply(layers, step, schedule.group_of(t))
+    if isinstance(schedule, FlowTimeSplit):
+        return lambda t: schedule.apply(layers, step, schedule.group_of(t))
+    return lambda t: schedule.apply(layers, step)
 
 
 def sparsity_by_group(model, schedule, clips, dtype, step: int) -> list[float]:
@@ -377,9 +380,8 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
               "kernel_requested": kernel}
     schedule, steps = None, setting.finetune_steps
     if arm.keep is not None:
-        schedule, thresholds, start_sparsity = calibrated_schedule(model, arm, clips, dtype, steps)
-        record.update(kv_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
-                      sparsity_at_start=statistics.fmean(start_sparsity))
+        schedule, record["kv_threshold"], record["sparsity_at_start"] = calibrated_schedule(
+            model, arm, clips, dtype, steps)
     start = time.perf_counter()
     losses = train_steps(model, setting, steps, setting.finetune_lr, seed, schedule)
     at_time = setter_by_time(schedule, model.attention_layers, steps)  # the ramp's end (at 60% of the steps)
@@ -407,12 +409,8 @@ def training_free(setting: Setting, out: str, device, arms, clips: int) -> dict:
         model = checkpoint_model(setting, out, device, arm)
         row, at_time = {"arm": arm.name, "kv_threshold": None, "sparsity": 0.0}, None
         if arm.keep is not None:
-            schedule, thresholds, sparsities = calibrated_schedule(model, arm, validation, dtype, 10)
-            row.update(kv_threshold=thresholds[0] if len(thresholds) == 1 else thresholds,
-                       sparsity=statistics.fmean(sparsities))
+            schedule, row["kv_threshold"], row["sparsity"] = calibrated_schedule(model, arm, validation, dtype, 10)
             at_time = setter_by_time(schedule, model.attention_layers, 10**6)  # the ramp's end at that p
-            if at_time is None:
-                schedule.apply(model.attention_layers, 10**6)
         rows.append({**row, **validation_record(model, validation, dtype, at_time)})
         print(f"{arm.name:>22}: sparsity {row['sparsity']:.3f}, val {rows[-1]['val_loss']:.4f} "
               f"({rows[-1]['val_loss'] / rows[0]['val_loss'] - 1:+.1%}); by time "
@@ -483,9 +481,10 @@ def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[
     its time is the weighted sum of theirs."""
     if arm.get("layer_keep"):
         return (None, None), (None, None)
-    keeps = [arm["keep"]] + [keep for _, keep, _ in arm.get("high_noise") or ()]
+    high_noise = arm.get("high_noise") or ()
+    keeps = [arm["keep"]] + [keep for _, keep, _ in high_noise]
     # the share of uniform sampler steps u whose shifted time is at or above each boundary, then per group
-    above = [1.0] + [1.0 - t0 / (time_shift - (time_shift - 1.0) * t0) for t0, _, _ in arm.get("high_noise") or ()]
+    above = [1.0] + [1.0 - t0 / (time_shift - (time_shift - 1.0) * t0) for t0, _, _ in high_noise]
     shares = [a - b for a, b in zip(above, above[1:] + [0.0])]
     found = []
     for tokens in (23296, 153600):
