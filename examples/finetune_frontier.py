@@ -112,6 +112,12 @@ class Arm:
     budget_ramp: bool = False
     high_noise: tuple[tuple[float, float, float | None], ...] = ()
 
+    @property
+    def budget_in_schedule(self) -> bool:
+        """Whether the arm's schedule sets the KV budget (a ramped cap; a split's caps differ by group) rather
+        than the model's config."""
+        return self.budget_ramp or bool(self.high_noise)
+
 
 ARMS = [Arm("dense")]
 ARMS += [Arm(f"kv_{s:.2f}", 1.0, s) for s in (0.90, 0.93, 0.95)]
@@ -167,8 +173,7 @@ def checkpoint_model(setting: Setting, out: str, device, arm: Arm | None = None,
     """The dense checkpoint under ``out`` in a model built for ``arm`` (its fill rule, and its KV budget unless a
     schedule ramps it; None: the defaults), dense until a schedule says otherwise."""
     arm = Arm("dense") if arm is None else arm
-    budget_in_config = not (arm.budget_ramp or arm.high_noise)  # else the schedule sets it
-    model = build_model(setting, device, arm.fill, kernel, arm.kv_budget if budget_in_config else None)
+    model = build_model(setting, device, arm.fill, kernel, None if arm.budget_in_schedule else arm.kv_budget)
     model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
     return model
 
@@ -237,9 +242,10 @@ def training_kernel(requested: str, setting: Setting, device, dtype) -> str:
 
 def schedule_for(arm: Arm, threshold: float, steps: int, budget_in_schedule: bool = False) -> SparsitySchedule:
     """The arm's ramp: stairs every 30 steps (or steps/10) over the first 60% of the steps. The KV budget is the
-    schedule's where it ramps, or held from the start with ``budget_in_schedule`` (else the model's config)."""
+    schedule's where the arm says so, or held from the start with ``budget_in_schedule`` (a split's group;
+    else the model's config)."""
     ramp = int(0.6 * steps)
-    in_schedule = arm.budget_ramp or budget_in_schedule
+    in_schedule = arm.budget_in_schedule or budget_in_schedule
     return SparsitySchedule(final_keep_ratio=arm.keep, final_kv_threshold=threshold, ramp_steps=ramp,
                             final_kv_budget=arm.kv_budget if in_schedule else None,
                             start_kv_budget=1.0 if arm.budget_ramp or arm.kv_budget is None else arm.kv_budget,
@@ -278,9 +284,10 @@ def calibrated_schedule(model, arm: Arm, clips, dtype, steps: int) -> tuple:
     if not arm.high_noise:
         p, sparsity = calibrate(model, arm, clips, dtype)
         return schedule_for(arm, p, steps), p, sparsity
-    groups = group_arms(arm)
-    found = [calibrate(model, group, clips, dtype, budget_in_schedule=True) for group in groups]
-    schedules = tuple(schedule_for(group, p, steps, budget_in_schedule=True) for group, (p, _) in zip(groups, found))
+    groups = group_arms(arm)  # plain arms, each holding its budget in the split's schedule
+    found = [calibrate(model, group, clips, dtype, budget_in_schedule=arm.budget_in_schedule) for group in groups]
+    schedules = tuple(schedule_for(group, p, steps, budget_in_schedule=arm.budget_in_schedule)
+                      for group, (p, _) in zip(groups, found))
     boundaries = tuple(t0 for t0, _, _ in arm.high_noise)
     return FlowTimeSplit(boundaries, schedules), [p for p, _ in found], statistics.fmean(s for _, s in found)
 
@@ -312,7 +319,12 @@ def checkpoint_setting(out: str) -> Setting:
     """The setting the checkpoint under ``out`` was pre-trained in (its pretrain.json), so that the
     arms continue on the same data."""
     with open(os.path.join(out, "pretrain.json")) as f:
-        fields = json.load(f)["setting"]
+        return recorded_setting(json.load(f)["setting"])
+
+
+def recorded_setting(fields: dict) -> Setting:
+    """A Setting from its record in pretrain.json, older records' missing fields at what those runs did."""
+    fields = dict(fields)
     fields.setdefault("pretrain_lr_final", None)  # checkpoints from before the field trained at a constant rate
     fields.setdefault("pretrain_ema", None)  # and took the last weights
     fields.setdefault("time_shift", 1.0)  # and drew unshifted times
@@ -623,7 +635,7 @@ def checkpoint_rows(out: str, speedups: dict) -> tuple[list[dict], list[dict], d
     with open(os.path.join(out, "pretrain.json")) as f:
         pretrained = json.load(f)
     name = os.path.basename(os.path.normpath(out))
-    setting = checkpoint_setting(out)
+    setting = recorded_setting(pretrained["setting"])
     rows = [{**row, "checkpoint": name, "scene": setting.scene, "registers": setting.registers,
              "tokens": setting.tokens} for row in frontier_rows(records, speedups, setting.time_shift)]
     kept = [{"checkpoint": name, **{k: r[k] for k in ("arm", "run", "finetune_steps", "seed", "val_loss",
