@@ -572,3 +572,39 @@ def test_a_checkpoint_pre_trained_with_registers_keeps_them_through_its_arms(tmp
     assert (row["registers"], row["tokens"]) == (3, 4 * 8 * 8)
     with pytest.raises(SystemExit):
         frontier.main(["pretrain", "--tiny", "--registers", "-1", "--out", str(tmp_path)])
+
+
+def test_a_fully_distilling_loss_is_zero_when_the_teacher_is_the_model_itself():
+    torch.manual_seed(0)
+    model = dit.VideoDiT(4, (1, 2, 2), 32, 1, 2, None)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # no zero-initialised output layer: the velocity is not 0
+    clean, noise, t = dit.make_clips([1, 2], 4, 8, 8, 4, "cpu"), torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+    assert float(dit.flow_loss(model, clean, noise, t, teacher=model, distill=1.0)) == 0.0
+    assert float(dit.flow_loss(model, clean, noise, t)) > 0.0
+
+
+def test_a_distilling_loss_fits_the_mix_of_the_datas_and_the_teachers_velocity():
+    torch.manual_seed(0)
+    student, teacher = dit.VideoDiT(4, (1, 2, 2), 32, 1, 2, None), dit.VideoDiT(4, (1, 2, 2), 32, 1, 2, None)
+    for p in [*student.parameters(), *teacher.parameters()]:
+        torch.nn.init.normal_(p, std=0.1)
+    clean, noise, t = dit.make_clips([1, 2], 4, 8, 8, 4, "cpu"), torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+    noisy = (1 - t[:, None, None, None, None]) * clean + t[:, None, None, None, None] * noise
+    with torch.no_grad():
+        target = 0.7 * (noise - clean) + 0.3 * teacher(noisy, t)
+        expected = torch.nn.functional.mse_loss(student(noisy, t), target)
+    loss = dit.flow_loss(student, clean, noise, t, teacher=teacher, distill=0.3)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_distilling_arm_fine_tunes_from_the_checkpoint_as_its_teacher(tmp_path):
+    frontier = _load("finetune_frontier")
+    frontier.main(["pretrain", "--tiny", "--out", str(tmp_path)])
+    frontier.main(["finetune", "--tiny", "--out", str(tmp_path), "--arms", "bsa_0.93_budget_distill"])
+    record, = json.loads((tmp_path / "arms_seed0.json").read_text())["records"]
+    assert record["arm"]["distill"] == 1.0 and math.isfinite(record["val_loss"])
+    row, = frontier.frontier_rows([record], {})
+    assert row["distill"] == 1.0

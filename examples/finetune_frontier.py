@@ -99,7 +99,8 @@ class Arm:
     block count. budget_ramp: the cap comes down in the arm's stairs from every block
     (``SparsitySchedule.final_kv_budget``) instead of holding from the first step. high_noise: (t0, keep,
     kv_budget) triples, t0 increasing: from flow time t0 on, that keep ratio and KV budget instead (p calibrated
-    to the same target), a ``bsa_flex.FlowTimeSplit`` of one group more than triples.
+    to the same target), a ``bsa_flex.FlowTimeSplit`` of one group more than triples. distill: the share of the
+    training target taken from the dense teacher's velocity instead of the data's (``video_dit.flow_loss``).
     """
 
     name: str
@@ -111,6 +112,7 @@ class Arm:
     kv_budget: float | None = None
     budget_ramp: bool = False
     high_noise: tuple[tuple[float, float, float | None], ...] = ()
+    distill: float = 0.0
 
     @property
     def budget_in_schedule(self) -> bool:
@@ -148,6 +150,11 @@ ARMS += [Arm("bsa_0.93_keep0.25_budget", 0.25, 0.93, kv_budget=18 / 64),
 # KV-only arm was the best 0.93 split there), a quarter of the queries and 18 blocks from it on (the best there)
 ARMS += [Arm("split_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=((0.75, 0.25, 18 / 64),)),
          Arm("split3_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=((0.75, 0.25, 18 / 64), (0.9, 0.125, 36 / 64)))]
+# self-distillation: the target is the dense teacher's velocity, its estimate of E[eps - x0 | x_t], where the data
+# give one draw of it: at high noise, where the sparse arms' gaps sit, that draw's spread is largest
+ARMS += [Arm("kv_0.93_budget_distill", 1.0, 0.93, kv_budget=4 / 64, distill=1.0),
+         Arm("bsa_0.93_budget_distill", 0.5, 0.93, kv_budget=9 / 64, distill=1.0),
+         Arm("bsa_0.93_budget_distill0.5", 0.5, 0.93, kv_budget=9 / 64, distill=0.5)]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
@@ -169,21 +176,25 @@ def build_model(setting: Setting, device, fill: str = "most_similar", kernel: st
     return model
 
 
-def checkpoint_model(setting: Setting, out: str, device, arm: Arm | None = None, kernel: str = "auto") -> VideoDiT:
-    """The dense checkpoint under ``out`` in a model built for ``arm`` (its fill rule, and its KV budget unless a
-    schedule ramps it; None: the defaults), dense until a schedule says otherwise."""
+def checkpoint_model(setting: Setting, out: str, device, arm: Arm | None = None, kernel: str = "auto",
+                     weights: str | None = None) -> VideoDiT:
+    """The dense checkpoint under ``out`` (or the state dict at ``weights``) in a model built for ``arm`` (its
+    fill rule, and its KV budget unless a schedule ramps it; None: the defaults), dense until a schedule says
+    otherwise."""
     arm = Arm("dense") if arm is None else arm
     model = build_model(setting, device, arm.fill, kernel, None if arm.budget_in_schedule else arm.kv_budget)
-    model.load_state_dict(torch.load(os.path.join(out, "dense.pt"), map_location=device))
+    model.load_state_dict(torch.load(weights or os.path.join(out, "dense.pt"), map_location=device))
     return model
 
 
 def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, schedule=None,
-                lr_final: float | None = None, ema: float | None = None) -> list[float]:
+                lr_final: float | None = None, ema: float | None = None, teacher=None, distill: float = 0.0
+                ) -> list[float]:
     """``steps`` AdamW steps of flow matching on the seed's data stream and noise (learning rate ``lr``,
     cosine-decayed to ``lr_final`` where given); the training losses. With ``ema`` the model ends holding
     the exponential moving average of its weights (that decay per step) instead of the last weights. ``schedule``:
-    a SparsitySchedule, or a FlowTimeSplit (each step's batch runs once per group of its flow times)."""
+    a SparsitySchedule, or a FlowTimeSplit (each step's batch runs once per group of its flow times). ``teacher``,
+    ``distill``: see ``video_dit.flow_loss``."""
     device = next(model.parameters()).device
     dtype = autocast_dtype(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -202,7 +213,8 @@ def train_steps(model, setting: Setting, steps: int, lr: float, seed: int, sched
                       for group, rows in schedule.groups(t)]
         elif schedule is not None:
             schedule.apply(model.attention_layers, step)
-        losses.append(float(train_step(model, optimiser, clean, noise, t, dtype, groups=groups)))
+        losses.append(float(train_step(model, optimiser, clean, noise, t, dtype, groups=groups, teacher=teacher,
+                                       distill=distill)))
         if decay is not None:
             decay.step()
         if average is not None:
@@ -394,8 +406,10 @@ def finetune_arm(arm: Arm, setting: Setting, out: str, seed: int, device, kernel
     if arm.keep is not None:
         schedule, record["kv_threshold"], record["sparsity_at_start"] = calibrated_schedule(
             model, arm, clips, dtype, steps)
+    teacher = checkpoint_model(setting, out, device).requires_grad_(False) if arm.distill else None
     start = time.perf_counter()
-    losses = train_steps(model, setting, steps, setting.finetune_lr, seed, schedule)
+    losses = train_steps(model, setting, steps, setting.finetune_lr, seed, schedule, teacher=teacher,
+                         distill=arm.distill)
     at_time = setter_by_time(schedule, model.attention_layers, steps)  # the ramp's end (at 60% of the steps)
     record.update(wall_s=time.perf_counter() - start, train_loss=losses[::5],
                   **validation_record(model, clips, dtype, at_time))
@@ -529,7 +543,7 @@ def frontier_rows(records: list[dict], speedups: dict, time_shift: float = 1.0) 
         small, large = split_speedups(arm, speedups, time_shift)
         rows.append({"regime": "fine-tune", "arm": name, "finetune_steps": runs[0]["finetune_steps"],
                      "query_keep_ratio": arm["keep"], "layer_keep": arm.get("layer_keep", []), "fill": arm["fill"],
-                     "high_noise": arm.get("high_noise") or None,
+                     "high_noise": arm.get("high_noise") or None, "distill": arm.get("distill", 0.0),
                      "windows": arm["windows"] or [[2, 2, 2]], "total_sparsity": arm["target"],
                      "achieved_sparsity_mean": statistics.fmean(r["sparsity_at_end"] for r in runs),
                      "seeds": sorted(r["seed"] for r in runs), "val_loss_mean": loss[0], "val_loss_std": loss[1],

@@ -187,12 +187,18 @@ def autocast_dtype(device) -> torch.dtype:
 
 
 def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+              rows: torch.Tensor | None = None, teacher: nn.Module | None = None,
+              distill: float = 0.0) -> torch.Tensor:
     """Rectified flow: x_t = (1 - t) x0 + t eps, predict the velocity eps - x0 (mean squared error).
-    ``rows`` ([N] bool): the batch's mean counting those samples' errors only (the others' count 0)."""
+    ``rows`` ([N] bool): the batch's mean counting those samples' errors only (the others' count 0).
+    ``teacher``: a model whose velocity at x_t (no gradient) replaces that share ``distill`` of the target
+    (self-distillation: the dense model's estimate of E[eps - x0 | x_t] instead of one draw of it)."""
     tt = t[:, None, None, None, None]
     noisy = (1 - tt) * clean + tt * noise
     prediction, target = model(noisy, t).float(), (noise - clean).float()
+    if teacher is not None and distill > 0.0:
+        with torch.no_grad():
+            target = torch.lerp(target, teacher(noisy, t).float(), distill)
     if rows is None:
         return F.mse_loss(prediction, target)
     per_sample = (prediction - target).square().flatten(1).mean(1)
@@ -200,19 +206,21 @@ def flow_loss(model: nn.Module, clean: torch.Tensor, noise: torch.Tensor, t: tor
 
 
 def train_step(model: nn.Module, optimiser, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, dtype,
-               runner: nn.Module | None = None, groups=None) -> torch.Tensor:
+               runner: nn.Module | None = None, groups=None, teacher: nn.Module | None = None,
+               distill: float = 0.0) -> torch.Tensor:
     """One optimiser step of flow matching (autocast to ``dtype``, gradient norm clipped at 1); the loss.
     ``runner``: what computes the forward (e.g. the compiled model), default ``model``. ``groups``:
     (set_up, rows) pairs: the whole batch runs once per pair after ``set_up()`` (e.g. the sparsity of a
     ``FlowTimeSplit`` group), its loss counting ``rows`` only, so that every run keeps the batch's shape
-    (no graph per group size); the gradients add up. Default: one run counting every sample."""
+    (no graph per group size); the gradients add up. Default: one run counting every sample.
+    ``teacher``, ``distill``: see ``flow_loss``."""
     optimiser.zero_grad(set_to_none=True)
     total = torch.zeros((), device=clean.device)
     for set_up, rows in [(None, None)] if groups is None else groups:
         if set_up is not None:
             set_up()
         with torch.autocast(clean.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = flow_loss(model if runner is None else runner, clean, noise, t, rows)
+            loss = flow_loss(model if runner is None else runner, clean, noise, t, rows, teacher, distill)
         loss.backward()
         total += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
