@@ -11,6 +11,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from masks import StaticSelection, TileLayout, static_selection, tile_layout
 
@@ -135,6 +136,14 @@ def _threshold_cache(value: float, device: torch.device) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
 
 
+def plain_ints(values) -> tuple[int, ...]:
+    """The values as Python ints. Inside a caller's torch.compile a size or token count that changed between
+    calls can arrive symbolic (automatic dynamic shapes); the layout is a constant of its sizes, so each value
+    is specialised (a guard: one graph per value, as static shapes give) instead of failing the trace
+    (torch 2.11: "SymNodeVariable() is not a constant")."""
+    return tuple(guard_scalar(v) for v in values)
+
+
 def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
@@ -146,7 +155,7 @@ def make_plan(q, k, v, video_shape: tuple[int, int, int], config: BSAConfig, *, 
     facts = kernel_facts(q, config.block_size, _needs_grad(q, k, v), score_mod is not None)
     kernel, reason = choose_kernel(config.kernel, facts)
     announce_kernel(kernel, reason)
-    key = (video_shape, config.tile, config.window, config.block_size, q.device, text_tokens)
+    key = (plain_ints(video_shape), config.tile, config.window, config.block_size, q.device, plain_ints(text_tokens))
     return BSAPlan(config=config, layout=_layout(*key), kernel=kernel, static=_static(key, config.keep_per_window),
                    scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod,
                    token_order=token_order)

@@ -296,3 +296,22 @@ def test_cpu_training_inside_a_fullgraph_compile_stops_with_a_bsa_flex_error_say
     with pytest.warns(bsa_flex.BSAEagerWarning, match="graph break"):  # without fullgraph: runs, equal to eager
         got = loose(q, k, v)
     torch.testing.assert_close(got, bsa_flex.attention(q, k, v, case.video_shape, case.config, enable_gqa=True))
+
+
+def test_a_size_made_symbolic_by_the_callers_compile_is_specialised_one_graph_per_value():
+    """plain_ints, which makes the layout's key: a dynamic size becomes a plain int under a guard (torch 2.11's
+    dynamo cannot pass a symbolic int to the layout's constant function: 'SymNodeVariable() is not a constant')."""
+    from torch._dynamo.testing import CompileCounter
+    from bsa_flex.runtime import plain_ints
+
+    def plus_size(x):
+        (size,) = plain_ints((x.shape[0],))
+        return x + size
+
+    backend = CompileCounter()
+    compiled = torch.compile(plus_size, backend=backend, fullgraph=True)
+    for size in (3, 4, 5):
+        x = torch.zeros(size)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        assert torch.equal(compiled(x), torch.full((size,), float(size)))
+    assert backend.frame_count == 3

@@ -255,11 +255,17 @@ def test_auto_takes_flash_for_half_precision_on_this_card():
     assert stats.kernel == ("flash" if torch.cuda.get_device_capability() >= (9, 0) else "triton")
 
 
-def test_auto_takes_triton_for_float32_and_flash_refuses_it():
+def test_auto_takes_triton_for_float32():
     case = CASES["fp32_budget"]
     q, k, v = case.inputs(8, device=CUDA)
     _, stats = bsa_flex.attention(q, k, v, case.video_shape, case.config, return_stats=True)
     assert stats.kernel == "triton"
+
+
+@NEEDS_FLASH  # without FA4 the refusal names the missing package first
+def test_flash_refuses_float32_naming_the_dtype():
+    case = CASES["fp32_budget"]
+    q, k, v = case.inputs(8, device=CUDA)
     with pytest.raises(ValueError, match="kernel='flash'.*float32"):
         bsa_flex.attention(q, k, v, case.video_shape, on("flash", case.config))
 
@@ -410,7 +416,12 @@ def test_tile_order_gives_the_raster_results_forward_and_backward(kernel):
 def test_a_compiled_bsattention_in_tile_order_gives_the_raster_layer_results(kernel, text):
     """The layer inlined into a compiled caller, k and v as the projection made them (different
     strides, no copies), 2,048 video tokens without padding (and 5 + 3 text tokens), bf16: the
-    raster layer's output and its parameter gradients to bf16 rounding."""
+    raster layer's output on all rows but at most 1 in 50 (a wrong layout or position moves most
+    rows), and its parameter gradients within 10% (relative, whole tensor). Not element-wise: the two
+    graphs round q, k, v differently, and query choices near a tie follow the rounding. With text
+    tokens on an H200, 11 of 2,056 rows differed by 0.03-0.044 (3% relative error of the output); on
+    the CPU, one bf16 ulp added to 1% of x moves 15 rows by up to 0.047 (4.8%) and the gradients by
+    up to 3.2%: the same signature."""
     video_shape, config = (8, 16, 16), BSAConfig(kv_threshold=0.7, query_keep_ratio=0.5, kernel=kernel)
     prefix, suffix = text
     to_tile, to_raster = bsa_flex.tile_order(video_shape, config, device=CUDA, prefix_tokens=prefix,
@@ -428,9 +439,11 @@ def test_a_compiled_bsattention_in_tile_order_gives_the_raster_layer_results(ker
         out.float().square().sum().backward()
         runs.append((out.detach().float(), [p.grad.float() for p in layer.parameters()]))
     (out_r, grads_r), (out_t, grads_t) = runs
-    torch.testing.assert_close(out_t, out_r, atol=2e-2, rtol=2e-2)
-    for a, b in zip(grads_r, grads_t):
-        torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
+
+    rows_apart = ~torch.isclose(out_t, out_r, atol=2e-2, rtol=2e-2).all(-1)
+    assert rows_apart.float().mean() <= 1 / 50, rows_apart.nonzero()[:, 1].tolist()
+    errors = [float((b - a).norm() / a.norm()) for a, b in zip(grads_r, grads_t)]
+    assert max(errors) < 0.1, [(name, round(e, 4)) for (name, _), e in zip(layer.named_parameters(), errors)]
 
 
 @pytest.mark.parametrize("kernel", BOTH_KERNELS)
