@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from einops import rearrange
+from hypothesis import given, strategies as st
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -609,3 +610,8 @@ def test_a_distilling_arm_fine_tunes_from_the_checkpoint_as_its_teacher(tmp_path
     assert record["arm"]["distill"] == 1.0 and math.isfinite(record["val_loss"])
     row, = frontier.frontier_rows([record], {})
     assert row["distill"] == 1.0
+
+
+@given(t=st.floats(0.0, 1.0), shift=st.floats(0.5, 8.0))
+def test_unshift_time_returns_the_time_that_shift_time_moved(t, shift):
+    assert dit.unshift_time(dit.shift_time(t, shift), shift) == pytest.approx(t, abs=1e-12)

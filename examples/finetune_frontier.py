@@ -42,7 +42,7 @@ from bsa_flex.kernels import choose_kernel, kernel_facts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # video_dit beside this script, however run
 from video_dit import (SCENES, VideoDiT, autocast_dtype, concentration, make_clips, plot_samples, sample,  # noqa: E402
-                       VALIDATION_TIMES, step_noise, train_step, validation_losses)
+                       VALIDATION_TIMES, step_noise, train_step, unshift_time, validation_losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,7 +509,7 @@ def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[
     high_noise = arm.get("high_noise") or ()
     keeps = [arm["keep"]] + [keep for _, keep, _ in high_noise]
     # the share of uniform sampler steps u whose shifted time is at or above each boundary, then per group
-    above = [1.0] + [1.0 - t0 / (time_shift - (time_shift - 1.0) * t0) for t0, _, _ in high_noise]
+    above = [1.0] + [1.0 - unshift_time(t0, time_shift) for t0, _, _ in high_noise]
     shares = [a - b for a, b in zip(above, above[1:] + [0.0])]
     found = []
     for tokens in (23296, 153600):

@@ -236,6 +236,11 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def unshift_time(t, shift: float):
+    """The time ``shift_time`` moves to ``t``: t / (s - (s - 1) t)."""
+    return t / (shift - (shift - 1) * t)
+
+
 def step_noise(step: int, batch_shape, device, salt: int = 0, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The noise and flow times of one step: the same in every arm (logit-normal t, as in SD3, then
     ``shift_time``)."""
