@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -384,6 +385,21 @@ def test_a_frontier_of_several_checkpoints_compares_each_arm_with_its_own_dense_
         assert len(dense) == 3 and rows
         assert all(r["dense_val_loss_mean"] == pytest.approx(sum(dense) / 3) for r in rows)
     assert [c["checkpoint"] for c in summary["checkpoints"]] == [f.name for f in folders]
+
+
+def test_summarize_of_several_checkpoints_creates_no_folder_named_after_the_list(tmp_path):
+    frontier = _load("finetune_frontier")
+    results = ROOT / "benchmarks" / "results"
+    folders = [tmp_path / "sprites", tmp_path / "plain"]
+    for source, folder in zip(("frontier_2026-12-05_sprites", "frontier_2026-12-03_plain"), folders):
+        folder.mkdir()
+        for path in (results / source).glob("*.json"):
+            shutil.copy(path, folder)
+    listed = ",".join(map(str, folders))
+    frontier.main(["summarize", "--out", listed, "--bench", "", "--results", str(tmp_path / "summary"),
+                   "--scratch", str(tmp_path / "no_scratch_runs")])
+    assert (tmp_path / "summary" / "quality_frontier.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sprites", "summary"]
 
 
 @pytest.mark.parametrize("argv, flag", [(["training-free", "--clips", "0"], "--clips"),

@@ -760,7 +760,8 @@ def main(argv=None) -> None:
     elif args.command in ("finetune", "training-free"):
         setting = checkpoint_setting(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    os.makedirs(args.out, exist_ok=True)
+    if args.command != "summarize":  # summarize only reads --out, which may name several folders
+        os.makedirs(args.out, exist_ok=True)
     if args.command == "pretrain":
         print(json.dumps({k: v for k, v in pretrain(setting, args.out, device).items() if k != "train_loss"}))
     elif args.command == "finetune":
