@@ -51,9 +51,12 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
                                  min_blocks=config.min_kv_blocks,
                                  max_blocks=config.kv_block_cap(layout.text_slot_start // bs))  # select KV blocks
     if layout.text_slot_start < layout.num_slots:  # non-video keys for every query, every key for non-video queries
-        text_rows = q_kept.shape[2] // bs - probs.shape[-2]
+        text_rows = (layout.num_slots - layout.text_slot_start) // bs
         kv_blocks = torch.cat([kv_blocks | layout.kv_block_text,
                                layout.kv_block_valid.expand(*kv_blocks.shape[:2], text_rows, -1)], 2)
+    local = plan.static.local_kv_blocks
+    if local.shape[0]:  # fill "local": the pruned queries' rows attend their own tiles' (and the non-video) KV blocks
+        kv_blocks = torch.cat([kv_blocks, local.expand(*kv_blocks.shape[:2], -1, -1)], 2)
     if plan.query_share[1] > 1:  # ranks sharing these heads: this one attends its run of query blocks only
         kv_blocks = kv_blocks & query_blocks_in_share(kv_blocks.shape[2], plan.query_share, q.device)[:, None]
     return SparseOperands(q_kept, k_slots, v_slots, kept, kv_blocks)
@@ -84,7 +87,7 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
         own = takes_own_output(kept)
         out, lse = zero_where_pruned(out, lse, own[..., plan.layout.tile_order] if plan.in_tile_order else own)
     out, lse = nan_where_non_finite(out, lse, non_finite_heads(q, ops.k_slots, ops.v_slots))
-    return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks)
+    return out, lse, Selection(kept.kept_token, kept.kept_valid, kept.fill_source, ops.kv_blocks, kept.local_row)
 
 
 def fill_in_input_order(kept: KeptQueries, plan: BSAPlan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,9 @@ SWEEP_SHAPES = [(4, 16, 32), (6, 28, 52), (16, 28, 52), (20, 40, 64), (40, 48, 8
 SWEEP_SPARSITIES = (0.90, 0.95)
 # Geometries compared at the Wan cases (same target sparsity, different split between query and KV sparsity;
 # keep 1.0 is KV sparsity alone, the setting that matched full attention in training)
-GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0}}
+GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0},
+              # the pruned queries attend to their own tiles' KV blocks: rows of their own in the kernel
+              "keep 0.5 local": {"query_keep_ratio": 0.5, "fill": "local"}}
 BROKEN_DOWN = ("keep 0.5", "keep 1.0")  # the paper's split and BSAConfig()'s: the Wan rows with the full breakdown
 FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                        "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -324,7 +326,8 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
         profile_table(step, device, os.path.join(profile_dir, f"profile-{math.prod(video_shape)}-"
                                                  f"{geometry.replace(' ', '')}-{ran}.txt"))
     row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
-           "geometry": geometry, "kernel": ran, "query_keep_ratio": config.query_keep_ratio, "sparsity": achieved,
+           "geometry": geometry, "kernel": ran, "query_keep_ratio": config.query_keep_ratio, "fill": config.fill,
+           "sparsity": achieved,
            "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines, **_speedups(bsa, baselines)}
     if breakdown:
         row["layer_peak_gib"] = _layer_peaks(setup, video_shape, config, baselines["sdpa"]["backend"])

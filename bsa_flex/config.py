@@ -38,7 +38,11 @@ class BSAConfig:
     as the same sparsity reached by a lower p without a budget (docs/training.md, 2026-12-05).
     ``fill``: the output a pruned query takes, its window's most similar kept query's
     ("most_similar"), its centre's ("anchor"), the nearest kept query's in space-time
-    ("nearest"), or 0 ("none": in a residual block the token passes through unchanged).
+    ("nearest"), or 0 ("none": in a residual block the token passes through unchanged); or
+    ("local") none: the pruned query attends to its own tile's KV blocks (and the non-video tokens)
+    only, as a row of its own in the kernel; its query block attends to the blocks of every tile its
+    rows come from (128-token blocks, 4x4x4 tiles, keep 0.5: four tiles, 2 KV blocks), counted in the
+    stats' sparsity.
 
     ``kernel`` picks the CUDA attention kernel: "flash" (FlashAttention-4 through FlexAttention's
     FLASH backend), "triton" (FlexAttention's Triton kernel) or "auto" (FLASH wherever it can

@@ -112,10 +112,10 @@ def _layout(video_shape, tile, window, block_size: int, device: torch.device, te
 
 
 @torch.compiler.assume_constant_result
-def _static(layout_key: tuple, keep_per_window: int) -> StaticSelection:
-    """The layout's cached index tables for a kept count; a constant to torch.compile (whose
+def _static(layout_key: tuple, keep_per_window: int, fill: str) -> StaticSelection:
+    """The layout's cached index tables for a kept count and fill rule; a constant to torch.compile (whose
     constant functions take plain values, hence the layout's key rather than the layout)."""
-    return static_selection(tile_layout(*layout_key), keep_per_window)
+    return static_selection(tile_layout(*layout_key), keep_per_window, fill)
 
 
 def threshold_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -156,7 +156,7 @@ def make_plan(q, k, v, video_shape: tuple[int, int, int], config: BSAConfig, *, 
     kernel, reason = choose_kernel(config.kernel, facts)
     announce_kernel(kernel, reason)
     key = (plain_ints(video_shape), config.tile, config.window, config.block_size, q.device, plain_ints(text_tokens))
-    return BSAPlan(config=config, layout=_layout(*key), kernel=kernel, static=_static(key, config.keep_per_window),
+    return BSAPlan(config=config, layout=_layout(*key), kernel=kernel, static=_static(key, config.keep_per_window, config.fill),
                    scale=q.shape[-1] ** -0.5 if scale is None else float(scale), score_mod=score_mod,
                    token_order=token_order)
 

@@ -52,7 +52,8 @@ def collect_stats(selection: Selection, layout: TileLayout, lse: torch.Tensor | 
     kv_density = (kv_blocks * (q_count > 0).float()[..., None]).sum((-1, -2)) / real_pairs
     return BSAStats(
         sparsity=sparsity_per_head.mean(), sparsity_per_head=sparsity_per_head,
-        kept_query_fraction=q_count.sum(-1).mean() / S, kv_density=kv_density,
+        kept_query_fraction=(selection.kept_valid & ~selection.local_row).sum(-1).float().mean() / S,
+        kv_density=kv_density,
         selection=selection, lse=lse, kernel=kernel, layout=layout,
     )
 

@@ -21,7 +21,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("bsa_flex.testing needs hypothesis: pip install 'bsa-flex[test]'") from error
 
-from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, reference_attention
+from masks import FILL_POLICIES, KV_RULES, Selection, TileLayout, local_query_rows, reference_attention
 
 from .attention import attention
 from .config import BSAConfig
@@ -112,44 +112,96 @@ def tolerances(dtype: torch.dtype, device: torch.device) -> dict:
 
 def check_selection(selection: Selection, layout: TileLayout, config: BSAConfig) -> None:
     """Assert the invariants every BSA selection must satisfy (AssertionError says which)."""
-    kept_token, kept_valid, fill_source, kv_blocks = selection
-    B, H, Nq = kept_token.shape
-    S, bs = layout.num_tokens, layout.block_size
-    is_video = layout.token_slot < layout.num_video_slots  # [S]: False for prefix/suffix tokens
-    window = torch.where(is_video, layout.token_slot // layout.window_tokens, 0)  # a video token's window
-    assert Nq % bs == 0 and kv_blocks.shape == (B, H, Nq // bs, layout.num_kv_blocks), "shapes"
+    B, H, Nq = selection.kept_token.shape
+    assert Nq % layout.block_size == 0 and selection.kv_blocks.shape == (
+        B, H, Nq // layout.block_size, layout.num_kv_blocks), "shapes"
+    local_rows = local_query_rows(layout, config.keep_per_window, config.fill)
+    local_row = selection.local_row
+    assert int(local_row.sum(-1).max()) == int(local_row.sum(-1).min()) == local_rows, "local rows"
+    assert not bool(local_row[..., :Nq - local_rows].any()), "a local row before the kept and non-video rows"
+    is_kept = _check_kept_queries(selection, layout, config)
+    _check_fill(selection, layout, is_kept, local_rows)
+    _check_kv_blocks(selection, layout)
+    if local_rows:
+        _check_local_rows(selection, layout, config, local_rows)
 
-    # Kept queries: distinct real tokens; per window min(keep, real tokens) of them incl. centre.
+
+def _video_windows(layout: TileLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S] bool: the token is a video token; [S]: a video token's window (0 for the others)."""
+    is_video = layout.token_slot < layout.num_video_slots
+    return is_video, torch.where(is_video, layout.token_slot // layout.window_tokens, 0)
+
+
+def _check_kept_queries(selection: Selection, layout: TileLayout, config: BSAConfig) -> torch.Tensor:
+    """Kept queries are distinct real tokens, per window min(keep, real tokens) of them incl. the centre;
+    every non-video token is kept. Returns [B, H, S] bool: the token is a kept query."""
+    kept_token = selection.kept_token
+    B, H, _ = kept_token.shape
+    S = layout.num_tokens
+    is_video, window = _video_windows(layout)
+    kept = selection.kept_valid & ~selection.local_row
     counts = torch.zeros(B, H, layout.num_windows, dtype=torch.int64, device=kept_token.device)
-    kept_video = kept_valid & is_video[kept_token]
+    kept_video = kept & is_video[kept_token]
     counts.scatter_add_(2, window[kept_token] * kept_video, kept_video.long())
     real = torch.bincount(window[is_video], minlength=layout.num_windows)
     assert torch.equal(counts, real.clamp_max(config.keep_per_window).expand_as(counts)), "kept counts per window"
     marks = torch.zeros(B, H, S + 1, dtype=torch.int64, device=kept_token.device)
-    marks.scatter_add_(2, torch.where(kept_valid, kept_token, S), torch.ones_like(kept_token))
+    marks.scatter_add_(2, torch.where(kept, kept_token, S), torch.ones_like(kept_token))
     assert int(marks[..., :S].max()) <= 1, "a token is kept twice"
     anchor_token = layout.slot_token[torch.arange(layout.num_windows, device=window.device) * layout.window_tokens
                                      + layout.window_anchor]
-    has_real = real > 0
-    assert bool((marks[..., anchor_token[has_real]] == 1).all()), "a window's centre token was pruned"
+    assert bool((marks[..., anchor_token[real > 0]] == 1).all()), "a window's centre token was pruned"
+    assert bool(marks[..., :S][..., ~is_video].eq(1).all()), "a non-video token was pruned"
+    return marks[..., :S] == 1
 
-    # Fill: kept tokens take their own row; pruned ones a real kept row of their own window.
+
+def _check_fill(selection: Selection, layout: TileLayout, is_kept: torch.Tensor, local_rows: int) -> None:
+    """Kept tokens take their own row; pruned ones a real kept row of their own window, or (fill "local") a
+    local row of their own."""
+    kept_token, kept_valid, fill_source = selection.kept_token, selection.kept_valid, selection.fill_source
+    is_video, window = _video_windows(layout)
     source_token = kept_token.gather(2, fill_source)
     assert bool(kept_valid.gather(2, fill_source).all()), "a token copies a padding row"
-    token = torch.arange(S, device=kept_token.device)
-    is_kept = marks[..., :S] == 1
-    assert bool((source_token[is_kept] == token.expand(B, H, S)[is_kept]).all()), "a kept token does not take its own output"
+    own = source_token == torch.arange(layout.num_tokens, device=kept_token.device)
+    assert bool(own[is_kept].all()), "a kept token does not take its own output"
     assert bool((window[source_token] == window)[..., is_video].all()), "a token copies from another window"
-    assert bool(marks[..., :S][..., ~is_video].eq(1).all()), "a non-video token was pruned"
+    takes_local = selection.local_row.gather(2, fill_source)
+    assert torch.equal(takes_local, ~is_kept if local_rows else torch.zeros_like(is_kept)), \
+        "a pruned token does not take a local row, or a kept one does"
+    assert bool(own[takes_local].all()), "a local row is taken by another token"
 
-    # KV blocks: never padding-only, never empty for a query block holding a real query.
+
+def _check_kv_blocks(selection: Selection, layout: TileLayout) -> None:
+    """KV blocks: never padding-only, never empty for a query block holding a real query; every query
+    attends to all non-video tokens, and non-video queries to every key."""
+    kept_token, kept_valid, kv_blocks = selection.kept_token, selection.kept_valid, selection.kv_blocks
+    B, H, _ = kept_token.shape
+    is_video, _ = _video_windows(layout)
     assert not bool((kv_blocks & ~layout.kv_block_valid).any()), "a padding-only KV block was selected"
-    has_query = kept_valid.view(B, H, -1, bs).any(-1)
+    has_query = kept_valid.view(B, H, -1, layout.block_size).any(-1)
     assert bool(kv_blocks.any(-1)[has_query].all()), "a query block has no KV block"
-    # Non-video tokens: every query attends to all of them; their own queries attend to every key.
     assert bool(kv_blocks[has_query][:, layout.kv_block_text].all()), "a query block skips a non-video KV block"
-    text_query = (kept_valid & ~is_video[kept_token]).view(B, H, -1, bs).any(-1)
+    text_query = (kept_valid & ~is_video[kept_token]).view(B, H, -1, layout.block_size).any(-1)
     assert bool((kv_blocks[text_query] == layout.kv_block_valid).all()), "a non-video query skips a KV block"
+
+
+def _check_local_rows(selection: Selection, layout: TileLayout, config: BSAConfig, local_rows: int) -> None:
+    """Local rows list the pruned queries window by window, each block attending exactly its tiles' KV
+    blocks and the non-video ones."""
+    Nq, bs = selection.kept_token.shape[-1], layout.block_size
+    _, window = _video_windows(layout)
+    pruned_per_window = layout.window_tokens - config.keep_per_window
+    row_window = (torch.arange(local_rows, device=window.device) // pruned_per_window).clamp_max(
+        layout.num_windows - 1)
+    tokens, valid = selection.kept_token[..., Nq - local_rows:], selection.kept_valid[..., Nq - local_rows:]
+    assert bool((window[tokens] == row_window)[valid].all()), "a local row holds a token of another window"
+    tile_start = row_window // layout.windows_per_tile * layout.tile_tokens
+    first = (tile_start // bs).view(-1, bs).amin(-1, keepdim=True)
+    last = ((tile_start + layout.tile_tokens - 1) // bs).view(-1, bs).amax(-1, keepdim=True)
+    kv = torch.arange(layout.num_kv_blocks, device=window.device)
+    own = (kv >= first) & (kv <= last) & layout.kv_block_valid
+    assert bool((selection.kv_blocks[..., (Nq - local_rows) // bs:, :] == (own | layout.kv_block_text)).all()), \
+        "a local row does not attend exactly its own tiles' KV blocks"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

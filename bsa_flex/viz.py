@@ -41,7 +41,8 @@ def _check_index(name: str, value: int, size: int) -> None:
 
 
 def kept_query_map(stats_or_selection, video_shape, *, batch: int = 0, head: int = 0) -> torch.Tensor:
-    """[T, H, W] bool on the CPU: which tokens BSA kept as queries (the rest copy a kept query's output)."""
+    """[T, H, W] bool on the CPU: which tokens BSA kept as queries (the rest copy a kept query's output, or
+    with the fill "local" attend to their own tile only)."""
     selection = _selection(stats_or_selection)
     B, Hq, _ = selection.kept_token.shape
     _check_index("batch", batch, B)
@@ -50,7 +51,7 @@ def kept_query_map(stats_or_selection, video_shape, *, batch: int = 0, head: int
     if selection.fill_source.shape[-1] != S:
         raise ValueError(f"video_shape {tuple(video_shape)} holds {S} tokens, the selection {selection.fill_source.shape[-1]}")
     kept = torch.zeros(S, dtype=torch.bool)
-    tokens = selection.kept_token[batch, head][selection.kept_valid[batch, head]].cpu()
+    tokens = selection.kept_token[batch, head][(selection.kept_valid & ~selection.local_row)[batch, head]].cpu()
     kept[tokens] = True
     return kept.view(*video_shape)
 

@@ -103,7 +103,7 @@ def test_check_selection_rejects_corrupted_selections(inputs, corruption):
     (_, stats), layout = _stats(inputs, config)
     padding_blocks = (~layout.kv_block_valid).nonzero()[:, 0]
     assert len(padding_blocks) > 0  # (3, 5, 7) in 4x4x4 tiles has 16-slot blocks of padding only
-    kept_token, kept_valid, fill_source, kv_blocks = (t.clone() for t in stats.selection)
+    kept_token, kept_valid, fill_source, kv_blocks, local_row = (t.clone() for t in stats.selection)
     if corruption == "drop_all_kv_blocks":
         kv_blocks[..., 0, :] = False
     elif corruption == "select_padding_block":
@@ -113,7 +113,7 @@ def test_check_selection_rejects_corrupted_selections(inputs, corruption):
     else:
         kept_valid[..., 0] = False
     with pytest.raises(AssertionError):
-        check_selection(Selection(kept_token, kept_valid, fill_source, kv_blocks), layout, config)
+        check_selection(Selection(kept_token, kept_valid, fill_source, kv_blocks, local_row), layout, config)
 
 
 @given(attention_inputs(shapes=st.just((3, 5, 7))))

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 from bsa_flex.testing import attention_inputs, configs
 from masks import (gather_tokens, kv_block_probs, own_kv_blocks, pool_blocks, select_kv_blocks,
-                   select_queries, tile_layout, to_tile_major)
+                   select_queries, tile_layout, to_tile_major, video_query_rows)
 
 CPU = torch.device("cpu")
 
@@ -108,9 +108,14 @@ def test_equal_probabilities_resolve_to_the_lowest_block_index(pv):
 
 
 def _pooled_inputs(inputs, config):
+    """The layout, the kept video queries' rows (what the KV rule scores: not the local rows of fill "local"),
+    their compact q and the tile-major k."""
     q, k, _ = inputs.qkv
     layout = tile_layout(inputs.video_shape, config.tile, config.window, config.block_size, CPU)
     kept = select_queries(q, layout, config.keep_per_window, config.fill)
+    rows = video_query_rows(layout, config.keep_per_window)
+    kept = kept._replace(kept_token=kept.kept_token[..., :rows], kept_valid=kept.kept_valid[..., :rows],
+                         local_row=kept.local_row[..., :rows])
     return layout, kept, gather_tokens(q, kept.kept_token), to_tile_major(k, layout)
 
 

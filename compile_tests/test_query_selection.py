@@ -5,8 +5,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import bsa_flex
-from bsa_flex.testing import attention_inputs, configs
-from masks import compact_queries, fill_from_kept, gather_tokens, select_queries, static_selection, tile_layout
+from bsa_flex import BSAConfig
+from bsa_flex.testing import attention_inputs, configs, video_shapes
+from masks import (compact_queries, fill_from_kept, gather_tokens, local_query_rows, select_queries, static_selection,
+                   tile_layout)
 
 CPU = torch.device("cpu")
 
@@ -23,7 +25,7 @@ def window_of(layout, tokens):
 
 def kept_mask(kept, num_tokens):
     """[B, H, S] bool: the token is a real kept query (padding rows point at token 0; skip them)."""
-    target = torch.where(kept.kept_valid, kept.kept_token, num_tokens)
+    target = torch.where(kept.kept_valid & ~kept.local_row, kept.kept_token, num_tokens)
     mask = torch.zeros(*target.shape[:2], num_tokens + 1, dtype=torch.bool)
     return mask.scatter_(2, target, True)[..., :num_tokens]
 
@@ -37,7 +39,7 @@ def test_kept_count_per_window_is_min_of_keep_and_real_tokens(inputs, config):
     layout, kept = select(inputs, config)
     B, H, _ = kept.kept_token.shape
     counts = torch.zeros(B, H, layout.num_windows, dtype=torch.long)
-    counts.scatter_add_(2, window_of(layout, kept.kept_token), kept.kept_valid.long())
+    counts.scatter_add_(2, window_of(layout, kept.kept_token), (kept.kept_valid & ~kept.local_row).long())
     real = torch.bincount(layout.token_slot // layout.window_tokens, minlength=layout.num_windows)
     assert torch.equal(counts, real.clamp_max(config.keep_per_window).expand_as(counts))
 
@@ -46,9 +48,9 @@ def test_kept_count_per_window_is_min_of_keep_and_real_tokens(inputs, config):
 def test_compact_length_is_whole_query_blocks_with_padding_rows_last(inputs, config):
     layout, kept = select(inputs, config)
     n_kept = layout.num_windows * config.keep_per_window
-    Nq = kept.kept_token.shape[-1]
+    Nq = kept.kept_token.shape[-1] - local_query_rows(layout, config.keep_per_window, config.fill)
     assert Nq % config.block_size == 0 and 0 <= Nq - n_kept < config.block_size
-    assert not bool(kept.kept_valid[..., n_kept:].any())
+    assert not bool(kept.kept_valid[..., n_kept:Nq].any())
 
 
 @given(attention_inputs(), configs())
@@ -146,6 +148,50 @@ def test_none_fill_gives_pruned_tokens_output_zero_and_no_gradient(inputs, confi
     assert not bool(q.grad[pruned].any())  # a pruned query reaches only the (detached) selection
 
 
+@given(attention_inputs(max_text_tokens=20), configs())
+def test_local_fill_gives_each_pruned_token_a_row_of_its_own_after_the_kept_and_non_video_rows(inputs, config):
+    config = dataclasses.replace(config, fill="local")
+    layout, kept = _kept_with_text(inputs, config)
+    local_rows = local_query_rows(layout, config.keep_per_window, "local")
+    Nq = kept.kept_token.shape[-1]
+    takes_local = kept.local_row.gather(2, kept.fill_source)
+    pruned = ~kept_mask(kept, layout.num_tokens)
+    assert torch.equal(takes_local, pruned)
+    assert torch.equal(kept.kept_token.gather(2, kept.fill_source)[pruned],
+                       torch.arange(layout.num_tokens).expand_as(pruned)[pruned])
+    assert bool((kept.fill_source[pruned] >= Nq - local_rows).all())
+    assert int(kept.kept_valid[..., Nq - local_rows:].sum(-1).min()) == int(pruned.sum(-1).min())
+
+
+@settings(max_examples=30)
+@given(attention_inputs(shapes=video_shapes().filter(lambda shape: min(shape) >= 2), max_text_tokens=6,
+                        requires_grad=True), st.sampled_from([0.25, 0.5, 0.75]))
+def test_local_fill_gives_a_pruned_query_attention_over_its_own_tiles_kv_blocks_and_the_text(inputs, keep):
+    """16-token blocks, 4x4x4 tiles, 2x2x2 windows: a tile's pruned queries fill whole query blocks, so each
+    pruned query attends to exactly the KV blocks of its own tile (and the non-video keys), in float64 here."""
+    config = BSAConfig(tile=(4, 4, 4), window=(2, 2, 2), block_size=16, query_keep_ratio=keep, fill="local")
+    q, k, v = inputs.qkv
+    out, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
+                                    prefix_tokens=inputs.text_tokens[0], suffix_tokens=inputs.text_tokens[1],
+                                    return_stats=True)
+    layout = stats.layout
+    tile_start = layout.token_slot // layout.tile_tokens * layout.tile_tokens
+    block = layout.token_slot // layout.block_size
+    is_video = layout.token_slot < layout.num_video_slots
+    in_tile = ((block[None, :] >= tile_start[:, None] // 16) & (block[None, :] <= (tile_start[:, None] + 63) // 16)
+               & is_video[:, None])
+    allowed = in_tile | ~is_video[None, :]  # [S query, S key]
+    group = q.shape[1] // k.shape[1]
+    k64, v64 = (x.detach().double().repeat_interleave(group, 1) for x in (k, v))
+    scores = (q.detach().double() @ k64.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v64
+    pruned = stats.selection.local_row.gather(2, stats.selection.fill_source)
+    assert bool(pruned.any())  # every side >= 2: the first window holds 8 real tokens and keeps 2, 4 or 6
+    torch.testing.assert_close(out.detach().double()[pruned], want[pruned], atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert bool(q.grad[pruned].any())  # a pruned query's own attention trains it
+
+
 @given(attention_inputs(), configs())
 def test_keep_ratio_one_keeps_every_token(inputs, config):
     from dataclasses import replace
@@ -191,7 +237,7 @@ def test_fill_backward_sums_exactly_the_gradients_of_the_tokens_that_copy_each_r
     g = torch.Generator().manual_seed(0)
     out_kept = torch.randn(B, H, rows, 3, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(B, H, layout.num_tokens, 3, dtype=torch.float64, generator=g)
-    static = static_selection(layout, config.keep_per_window)
+    static = static_selection(layout, config.keep_per_window, config.fill)
     out = fill_from_kept(out_kept, kept.fill_source, static.fill_candidates, static.fill_candidate_valid)
     out.backward(grad)
     assert torch.equal(out, gather_tokens(out_kept, kept.fill_source))

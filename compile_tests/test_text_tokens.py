@@ -65,10 +65,16 @@ def test_text_tokens_do_not_change_the_video_selection(seed, text, video_shape, 
                                       config, enable_gqa=True, return_stats=True)
         _, joint = bsa_flex.attention(*[t.clone().requires_grad_() for t in (q, k, v)], video_shape, config,
                                       enable_gqa=True, prefix_tokens=text[0], suffix_tokens=text[1], return_stats=True)
-    rows, cols = alone.selection.kv_blocks.shape[2:]
-    assert torch.equal(joint.selection.kept_token[..., :alone.selection.kept_token.shape[-1]],
-                       torch.where(alone.selection.kept_valid, alone.selection.kept_token + text[0], 0))
-    assert torch.equal(joint.selection.kv_blocks[:, :, :rows, :cols], alone.selection.kv_blocks)
+    bs, cols = config.block_size, alone.selection.kv_blocks.shape[-1]
+    local = int(alone.selection.local_row[0, 0].sum())  # fill "local": the pruned queries' rows come last
+    n_alone, n_joint = alone.selection.kept_token.shape[-1], joint.selection.kept_token.shape[-1]
+    for mine, theirs in ((slice(0, n_alone - local), slice(0, n_alone - local)),
+                         (slice(n_alone - local, n_alone), slice(n_joint - local, n_joint))):
+        assert torch.equal(joint.selection.kept_token[..., theirs],
+                           torch.where(alone.selection.kept_valid[..., mine], alone.selection.kept_token[..., mine]
+                                       + text[0], 0))
+        blocks = [slice(part.start // bs, part.stop // bs) for part in (mine, theirs)]
+        assert torch.equal(joint.selection.kv_blocks[:, :, blocks[1], :cols], alone.selection.kv_blocks[:, :, blocks[0]])
 
 
 @given(TEXT, video_shapes(), configs())

@@ -156,6 +156,12 @@ ARMS += [Arm("split_0.93_budget", 1.0, 0.93, kv_budget=4 / 64, high_noise=((0.75
 # (2026-12-06: no change on the H100, +22.1% / +55.3% against +23.6% / +55.8%; worse on the CPU model)
 ARMS += [Arm("kv_0.93_budget_distill", 1.0, 0.93, kv_budget=4 / 64, distill=1.0),
          Arm("bsa_0.93_budget_distill", 0.5, 0.93, kv_budget=9 / 64, distill=1.0)]
+# the pruned queries attend to their own tiles' KV blocks instead of copying a kept query's output (fill "local";
+# 2026-12-06, a CPU probe of the same rule: keep 0.5 fine-tuned as KV-only did at the same total, where copying
+# cost +8.9%); the kept queries' cap is lower so that the total, the local rows counted, can reach 0.93: 8 of 64 at
+# the GPU setting (a block of pruned rows attends 2 KV blocks), 6 at the CPU setting's (4 blocks of 16 per tile)
+ARMS += [Arm("bsa_0.93_local_budget8", 0.5, 0.93, "local", kv_budget=8 / 64),
+         Arm("bsa_0.93_local_budget6", 0.5, 0.93, "local", kv_budget=6 / 64)]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
@@ -486,15 +492,17 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def bench_speedups(paths: list[str]) -> dict:
-    """(tokens, keep ratio, target sparsity) -> (fwd+bwd speed-up over the best SDPA, the bench file), from
-    bench JSONs: FLASH rows where there are any, an earlier file before a later one; {} without any."""
+    """(tokens, keep ratio, local fill or not, target sparsity) -> (fwd+bwd speed-up over the best SDPA, the bench
+    file), from bench JSONs: FLASH rows where there are any, an earlier file before a later one; {} without any.
+    Rows without a ``fill`` (before 2026-12-06) copied a kept query's output; every fill rule but "local" costs the
+    kernel the same."""
     found = {}
     for path in reversed([p for p in paths if os.path.exists(p)]):
         with open(path) as f:
             rows = json.load(f)["rows"]
         for r in sorted(rows, key=lambda r: r["kernel"] == "flash"):  # FLASH rows written last win
             if "speedup_vs_sdpa_fwd_bwd" in r:
-                key = r["tokens"], r["query_keep_ratio"], round(r["target_sparsity"], 2)
+                key = r["tokens"], r["query_keep_ratio"], r.get("fill") == "local", round(r["target_sparsity"], 2)
                 found[key] = (r["speedup_vs_sdpa_fwd_bwd"], f"{os.path.basename(path)} ({r['kernel']})")
     return found
 
@@ -513,7 +521,7 @@ def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[
     shares = [a - b for a, b in zip(above, above[1:] + [0.0])]
     found = []
     for tokens in (23296, 153600):
-        per_group = [speedups.get((tokens, keep, arm["target"])) for keep in keeps]
+        per_group = [speedups.get((tokens, keep, arm.get("fill") == "local", arm["target"])) for keep in keeps]
         if any(g is None for g in per_group):
             found.append((None, None))
         elif len(keeps) == 1:

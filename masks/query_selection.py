@@ -1,6 +1,6 @@
 """Query sparsity: inside every window of a tile keep the centre token and the queries least
 similar to it; every pruned query later takes the output of a kept query of its window (or, with
-the fill rule "none", the output 0)."""
+the fill rule "none", the output 0; with "local", it attends to its own tile's KV blocks only)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -12,20 +12,25 @@ from einops import rearrange
 from .layout import TileLayout
 from .ordering import stable_ranks
 
-__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "gather_tokens", "compact_queries",
-           "to_tile_major", "fill_candidates", "fill_from_kept", "takes_own_output"]
+__all__ = ["FILL_POLICIES", "KeptQueries", "select_queries", "video_query_rows", "local_query_rows", "gather_tokens",
+           "compact_queries", "to_tile_major", "fill_candidates", "fill_from_kept", "takes_own_output"]
 
 # Which kept query's output a pruned query takes: the most similar one (cosine), the window's
-# centre, the nearest in space-time (ties: the earliest kept), or none (the output is 0).
-FILL_POLICIES = ("most_similar", "anchor", "nearest", "none")
+# centre, the nearest in space-time (ties: the earliest kept), or none (the output is 0); or
+# "local": none, the pruned query attends to the KV blocks of its own tile instead (a row of its own,
+# after the kept and the non-video rows; a query block of pruned rows attends to the KV blocks of every
+# tile its rows come from: at 128-token blocks and 4x4x4 tiles with keep 0.5, four tiles, 2 KV blocks).
+FILL_POLICIES = ("most_similar", "anchor", "nearest", "none", "local")
 
 
 class KeptQueries(NamedTuple):
-    """The compact query set; its length is padded to whole query blocks of ``block_size``."""
+    """The compact query set: the kept video queries, the non-video ones, then (fill "local") the pruned
+    video queries, each group padded to whole query blocks of ``block_size``."""
 
     kept_token: torch.Tensor  # [B, H, Nq] int64: sequence index of each compact query (0 for padding rows)
     kept_valid: torch.Tensor  # [B, H, Nq] bool: the compact row holds a real token
     fill_source: torch.Tensor  # [B, H, N] int64: compact row whose output each token of the sequence takes
+    local_row: torch.Tensor  # [B, H, Nq] bool: the row is a pruned query attending its own tile (fill "local")
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -289,6 +294,44 @@ def video_query_rows(layout: TileLayout, keep_per_window: int) -> int:
     return -(-layout.num_windows * keep_per_window // layout.block_size) * layout.block_size
 
 
+def local_query_rows(layout: TileLayout, keep_per_window: int, fill: str) -> int:
+    """Compact rows of the pruned queries that attend their own tile (fill "local"), padded to whole query
+    blocks; 0 for the other fill rules and where every query is kept."""
+    if fill != "local" or keep_per_window == layout.window_tokens:
+        return 0
+    return video_query_rows(layout, layout.window_tokens - keep_per_window)
+
+
+def _fill_rows(selected: KeptInWindows, kept_valid: torch.Tensor, layout: TileLayout, fill: str,
+               local_start: int) -> torch.Tensor:
+    """[B, H, n * w]: the compact row whose output each video slot takes, in slot order.
+
+    A kept query takes its own row; a pruned one the row of its fill choice among its window's kept
+    queries, or with "local" a row of its own from ``local_start`` on (the pruned queries window by window).
+    """
+    kept_local, pruned_local, windows = selected
+    n, w, k = layout.num_windows, layout.window_tokens, kept_local.shape[-1]
+    window_start = torch.arange(n, device=kept_local.device)[:, None]
+    if windows is None:  # every position kept: each takes its own row
+        return (window_start * k + kept_local).flatten(2)
+    kept_rows = window_start * k + torch.arange(k, device=kept_local.device)
+    if fill == "local":
+        pruned_rows = local_start + window_start * (w - k) + torch.arange(w - k, device=kept_local.device)
+    else:
+        B, H = kept_local.shape[:2]
+        pruned_rows = window_start * k + _fill_choice(windows, pruned_local, kept_local, kept_valid.view(B, H, n, k),
+                                                      layout, fill)
+    return (_value_at_positions(kept_local, kept_rows.expand_as(kept_local), w)
+            + _value_at_positions(pruned_local, pruned_rows.expand_as(pruned_local), w)).flatten(2)
+
+
+def _window_rows_padded(layout: TileLayout, local: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and validity [B, H, rows] of window positions ``local`` [B, H, n, m], window by window, padded."""
+    slot = (torch.arange(layout.num_windows, device=local.device)[:, None] * layout.window_tokens + local).flatten(2)
+    pad = rows - slot.shape[-1]
+    return F.pad(layout.slot_token[slot], (0, pad)), F.pad(layout.slot_valid[slot], (0, pad))
+
+
 def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fill: str,
                    in_tile_order: bool = False) -> KeptQueries:
     """Select the kept queries of every window and the fill source of every token.
@@ -299,29 +342,28 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
     resolve by position, so the choice is the same on every run. Kept queries are listed per
     window in slot order; the compact length is padded to a multiple of ``layout.block_size``.
     Non-video tokens (``layout.num_prefix``/``num_suffix``) are all kept, as the query blocks
-    after the video's, in their slot order; each copies itself.
+    after the video's, in their slot order; each copies itself. With the fill rule "local" the
+    pruned video queries follow as rows of their own (window by window), each taking its own output.
     """
     B, H = q.shape[:2]
-    n, w, k = layout.num_windows, layout.window_tokens, keep_per_window
-    kept_local, pruned_local, windows = _kept_in_windows(q, layout, k, in_tile_order)
-    window_start = torch.arange(n, device=q.device)[:, None]
-    kept_slot = (window_start * w + kept_local).flatten(2)
-    kept_valid = layout.slot_valid[kept_slot]
-    # a kept query copies itself (with every query kept, that is all), a pruned one its fill choice
-    fill_rank = kept_local if windows is None else (
-        _value_at_positions(kept_local, torch.arange(k, device=q.device), w)
-        + _value_at_positions(pruned_local, _fill_choice(windows, pruned_local, kept_local,
-                                                         kept_valid.view(B, H, n, k), layout, fill), w))
-    fill_by_slot = (window_start * k + fill_rank).flatten(2)  # [B, H, n * w]
-
-    pad = video_query_rows(layout, k) - n * k
-    kept_token, kept_valid = F.pad(layout.slot_token[kept_slot], (0, pad)), F.pad(kept_valid, (0, pad))
-    if layout.text_slot_start < layout.num_slots:  # non-video tokens: kept rows after the video's
-        text_slots = torch.arange(layout.text_slot_start, layout.num_slots, device=q.device)
+    k = keep_per_window
+    selected = _kept_in_windows(q, layout, k, in_tile_order)
+    kept_token, kept_valid = _window_rows_padded(layout, selected.kept_local, video_query_rows(layout, k))
+    text_slots = torch.arange(layout.text_slot_start, layout.num_slots, device=q.device)
+    local_start = kept_token.shape[-1] + len(text_slots)
+    fill_by_slot = _fill_rows(selected, kept_valid[..., :layout.num_windows * k], layout, fill, local_start)
+    if len(text_slots):  # non-video tokens: kept rows after the video's
         text_rows = kept_token.shape[-1] + text_slots - layout.text_slot_start
         kept_token = torch.cat([kept_token, layout.slot_token[text_slots].expand(B, H, -1)], 2)
         kept_valid = torch.cat([kept_valid, layout.slot_valid[text_slots].expand(B, H, -1)], 2)
-        gap = fill_by_slot.new_zeros(B, H, layout.text_slot_start - n * w)  # video padding slots: no token
+        gap = fill_by_slot.new_zeros(B, H, layout.text_slot_start - fill_by_slot.shape[-1])  # video padding slots
         fill_by_slot = torch.cat([fill_by_slot, gap, text_rows.expand(B, H, -1)], 2)
+    local_rows = local_query_rows(layout, k, fill)
+    local_row = torch.zeros(local_start + local_rows, dtype=torch.bool, device=q.device)
+    if local_rows:  # the pruned queries' own rows
+        local_token, local_valid = _window_rows_padded(layout, selected.pruned_local, local_rows)
+        kept_token, kept_valid = torch.cat([kept_token, local_token], 2), torch.cat([kept_valid, local_valid], 2)
+        local_row[local_start:] = True
     return KeptQueries(kept_token=kept_token, kept_valid=kept_valid,
-                       fill_source=fill_by_slot.index_select(2, layout.token_slot))
+                       fill_source=fill_by_slot.index_select(2, layout.token_slot),
+                       local_row=local_row.expand(B, H, -1))

@@ -21,6 +21,7 @@ class Selection(NamedTuple):
     kept_valid: torch.Tensor  # [B, Hq, Nq] bool: the row is a real token
     fill_source: torch.Tensor  # [B, Hq, S] int64 compact row whose output each token takes
     kv_blocks: torch.Tensor  # [B, Hq, nq, nkv] bool: query block attends to KV block
+    local_row: torch.Tensor  # [B, Hq, Nq] bool: the row is a pruned query attending its own tile (fill "local")
 
 
 def _query_block_of_token(selection: Selection, block_size: int, num_tokens: int) -> torch.Tensor:
