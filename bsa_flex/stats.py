@@ -16,7 +16,8 @@ class BSAStats:
 
     sparsity: fraction of the S x S query-key pairs of full attention that were not computed
     (0.0 for dense), averaged over batch and heads; ``sparsity_per_head`` is [B, Hq].
-    kept_query_fraction: real kept queries over S. kv_density: [B, Hq] fraction of (query block,
+    kept_query_fraction: real kept queries over S (with the fill "local", the pruned queries' own rows
+    do not count; their KV blocks count in the sparsity). kv_density: [B, Hq] fraction of (query block,
     KV block) pairs selected among those with real tokens. lse: [B, Hq, S] float32 natural-log
     softmax normaliser of the row each token's output comes from (None on the CPU FlexAttention
     path, which has no LSE; without gradient on the "flash" kernel). kernel: the attention kernel

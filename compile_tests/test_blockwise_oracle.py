@@ -66,6 +66,23 @@ def test_sparsity_counts_the_token_pairs_not_computed(inputs, config):
 
 
 @given(attention_inputs(), configs())
+def test_local_fill_keeps_the_copy_rules_selection_and_kept_fraction_and_pays_its_rows_in_the_sparsity(inputs,
+                                                                                                      config):
+    q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)
+    runs = [bsa_flex.attention(q, k, v, inputs.video_shape, replace(config, fill=fill), enable_gqa=inputs.enable_gqa,
+                               return_stats=True)[1] for fill in ("most_similar", "local")]
+    copy, local = runs
+    kept_rows = copy.selection.kept_token.shape[-1]
+    assert torch.equal(local.selection.kept_token[..., :kept_rows], copy.selection.kept_token)
+    bs = config.block_size
+    assert torch.equal(local.selection.kv_blocks[:, :, :kept_rows // bs], copy.selection.kv_blocks)
+    assert float(local.kept_query_fraction) == float(copy.kept_query_fraction)
+    assert bool((local.sparsity_per_head <= copy.sparsity_per_head).all())
+    has_local_rows = bool((local.selection.local_row & local.selection.kept_valid).any())  # real pruned queries
+    assert has_local_rows == bool((local.sparsity_per_head < copy.sparsity_per_head).any())
+
+
+@given(attention_inputs(), configs())
 def test_dense_config_reports_zero_sparsity(inputs, config):
     config = replace(config, query_keep_ratio=1.0, kv_threshold=1.0, kv_rule="cumulative", max_kv_blocks=None,
                      kv_budget=None)
