@@ -161,7 +161,8 @@ ARMS += [Arm("kv_0.93_budget_distill", 1.0, 0.93, kv_budget=4 / 64, distill=1.0)
 # cost +8.9%); the kept queries' cap is lower so that the total, the local rows counted, can reach 0.93: 8 of 64 at
 # the GPU setting (a block of pruned rows attends 2 KV blocks), 6 at the CPU setting's (4 blocks of 16 per tile)
 ARMS += [Arm("bsa_0.93_local_budget8", 0.5, 0.93, "local", kv_budget=8 / 64),
-         Arm("bsa_0.93_local_budget6", 0.5, 0.93, "local", kv_budget=6 / 64)]
+         Arm("bsa_0.93_local_budget6", 0.5, 0.93, "local", kv_budget=6 / 64),
+         Arm("bsa_0.93_keep0.25_local_budget6", 0.25, 0.93, "local", kv_budget=6 / 64)]  # CPU: three quarters local
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
