@@ -163,6 +163,10 @@ ARMS += [Arm("kv_0.93_budget_distill", 1.0, 0.93, kv_budget=4 / 64, distill=1.0)
 ARMS += [Arm("bsa_0.93_local_budget8", 0.5, 0.93, "local", kv_budget=8 / 64),
          Arm("bsa_0.93_local_budget6", 0.5, 0.93, "local", kv_budget=6 / 64),
          Arm("bsa_0.93_keep0.25_local_budget6", 0.25, 0.93, "local", kv_budget=6 / 64)]  # CPU: three quarters local
+# at the CPU setting the KV side at 0.93 is itself nearly local (4.7 of 64 blocks, the own tile 4); at 0.80 it
+# keeps about 13, 9 beyond the own tile: there local rows (4 blocks) can fall short of what the KV rule chooses
+ARMS += [Arm("kv_0.80_budget13", 1.0, 0.80, kv_budget=13 / 64), Arm("bsa_0.80_budget26", 0.5, 0.80, kv_budget=26 / 64),
+         Arm("bsa_0.80_local_budget22", 0.5, 0.80, "local", kv_budget=22 / 64)]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
