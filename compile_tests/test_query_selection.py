@@ -178,8 +178,8 @@ def test_local_fill_gives_a_pruned_query_attention_over_its_own_tiles_kv_blocks_
     tile_start = layout.token_slot // layout.tile_tokens * layout.tile_tokens
     block = layout.token_slot // layout.block_size
     is_video = layout.token_slot < layout.num_video_slots
-    in_tile = ((block[None, :] >= tile_start[:, None] // 16) & (block[None, :] <= (tile_start[:, None] + 63) // 16)
-               & is_video[:, None])
+    first, last = tile_start // layout.block_size, (tile_start + layout.tile_tokens - 1) // layout.block_size
+    in_tile = (block[None, :] >= first[:, None]) & (block[None, :] <= last[:, None]) & is_video[:, None]
     allowed = in_tile | ~is_video[None, :]  # [S query, S key]
     group = q.shape[1] // k.shape[1]
     k64, v64 = (x.detach().double().repeat_interleave(group, 1) for x in (k, v))
