@@ -46,7 +46,8 @@ SWEEP_SPARSITIES = (0.90, 0.95)
 # keep 1.0 is KV sparsity alone, the setting that matched full attention in training)
 GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0},
               # the pruned queries attend to their own tiles' KV blocks: rows of their own in the kernel
-              "keep 0.5 local": {"query_keep_ratio": 0.5, "fill": "local"}}
+              "keep 0.5 local": {"query_keep_ratio": 0.5, "fill": "local"},
+              "keep 0.25 local": {"query_keep_ratio": 0.25, "fill": "local"}}
 BROKEN_DOWN = ("keep 0.5", "keep 1.0")  # the paper's split and BSAConfig()'s: the Wan rows with the full breakdown
 FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                        "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -483,10 +484,16 @@ def _cuda_graph_line(r: dict, g: dict) -> str:
             f"{b['cudagraph_skips']} BSA, {s['cudagraph_skips']} SDPA")
 
 
+def sweep_geometry(rows: list[dict]) -> str | None:
+    """The geometry the crossover lines and the plot follow: the first of GEOMETRIES that the rows measured."""
+    measured = {r["geometry"] for r in rows}
+    return next((g for g in GEOMETRIES if g in measured), None)
+
+
 def _sweep_rows(rows: list[dict], target: float, kernel: str) -> list[dict]:
-    """Rows of the default geometry on one kernel at one target sparsity, by sequence length."""
-    default = next(iter(GEOMETRIES))
-    return sorted((r for r in rows if r["target_sparsity"] == target and r["geometry"] == default
+    """Rows of the sweep geometry on one kernel at one target sparsity, by sequence length."""
+    geometry = sweep_geometry(rows)
+    return sorted((r for r in rows if r["target_sparsity"] == target and r["geometry"] == geometry
                    and r["kernel"] == kernel), key=lambda r: r["tokens"])
 
 
@@ -508,7 +515,7 @@ def crossover_lines(rows: list[dict]) -> list[str]:
         key = _speedup_key(sweep)
         losing = [r["tokens"] for r in sweep if r[key] <= 1.0]
         winning = [r["tokens"] for r in sweep if r[key] > 1.0 and (not losing or r["tokens"] > max(losing))]
-        mode = "fwd+bwd" if key.endswith("fwd_bwd") else "fwd"
+        mode = f"{'fwd+bwd' if key.endswith('fwd_bwd') else 'fwd'}, {sweep_geometry(rows)}"
         if not winning:
             lines.append(f"- sparsity {target:.2f}, {kernel}: BSA does not beat SDPA ({mode}) at any measured length.")
         elif not losing:
@@ -537,7 +544,7 @@ def plot(result: dict, path: str) -> str | None:
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("speed-up over best SDPA")
-    ax.set_title(result["environment"]["card"])
+    ax.set_title(f"{result['environment']['card']}, {sweep_geometry(result['rows'])}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

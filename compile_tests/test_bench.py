@@ -78,3 +78,14 @@ def test_a_steps_peak_counts_its_inputs_and_its_rise_but_not_memory_held_before_
     held_elsewhere, inputs, rise = 3 * gib, 2 * gib, gib // 2
     assert bench.step_peak_gib(held_elsewhere + inputs + rise, held_elsewhere + inputs, inputs) == 2.5
     assert bench.step_peak_gib(5 * gib, 5 * gib, 0) == 0.0
+
+
+def test_the_crossover_lines_follow_the_first_measured_geometry_when_keep_half_was_not_run():
+    rows = [{"tokens": tokens, "geometry": geometry, "kernel": "flash", "target_sparsity": 0.95,
+             "speedup_vs_sdpa_fwd_bwd": speedup}
+            for tokens, geometry, speedup in ((23296, "keep 0.25 local", 0.8), (153600, "keep 0.25 local", 17.0),
+                                              (23296, "keep 0.25", 6.0), (153600, "keep 0.25", 18.0))]
+    assert bench.sweep_geometry(rows) == "keep 0.25"
+    assert bench.crossover_lines(rows) == [
+        "- sparsity 0.95, flash: BSA beats SDPA (fwd+bwd, keep 0.25) at every measured length, from 23,296 tokens "
+        "(6.00x)."]

@@ -139,7 +139,7 @@ ARMS += [Arm("kv_0.90_q13", 1.0, 0.90, layer_keep=((1, 0.5), (3, 0.5))),
 # blocks, while the fine-tune arms reach their sparsity by a low calibrated p and no budget: the same total, but
 # blocks allocated per row by the cap instead of by the mass
 # (whole blocks of the GPU setting's 64: 6 and 4 for KV-only at 0.90 / 0.93, 9 for keep 0.5 at 0.93)
-ARMS += [Arm(f"kv_{s:.2f}_budget", 1.0, s, kv_budget=round((1.0 - s) * 64) / 64) for s in (0.90, 0.93)]
+ARMS += [Arm(f"kv_{s:.2f}_budget", 1.0, s, kv_budget=round((1.0 - s) * 64) / 64) for s in (0.90, 0.93, 0.95)]
 ARMS += [Arm("bsa_0.93_budget", 0.5, 0.93, kv_budget=9 / 64)]  # keep 0.5: the KV side at 0.86
 ARMS += [Arm("kv_0.93_budget_ramp", 1.0, 0.93, kv_budget=4 / 64, budget_ramp=True)]  # kv_0.93_budget's 4, in stairs
 # fewer queries, more KV blocks at the same total (the KV side at 0.72 / 0.44): where the flow time is high, the
@@ -163,7 +163,9 @@ ARMS += [Arm("kv_0.93_budget_distill", 1.0, 0.93, kv_budget=4 / 64, distill=1.0)
 ARMS += [Arm("bsa_0.93_local_budget8", 0.5, 0.93, "local", kv_budget=8 / 64),
          Arm("bsa_0.93_local_budget6", 0.5, 0.93, "local", kv_budget=6 / 64),
          Arm("bsa_0.93_keep0.25_local_budget6", 0.25, 0.93, "local", kv_budget=6 / 64),  # CPU: three quarters local
-         Arm("bsa_0.93_keep0.25_local_budget12", 0.25, 0.93, "local", kv_budget=12 / 64)]  # GPU: 0.25 x 12 + 0.75 x 2
+         Arm("bsa_0.93_keep0.25_local_budget12", 0.25, 0.93, "local", kv_budget=12 / 64),  # GPU: 0.25 x 12 + 0.75 x 2
+         Arm("bsa_0.90_local_budget11", 0.5, 0.90, "local", kv_budget=11 / 64),  # GPU: the frontier's other totals
+         Arm("bsa_0.95_local_budget5", 0.5, 0.95, "local", kv_budget=5 / 64)]
 # at the CPU setting the KV side at 0.93 is itself nearly local (4.7 of 64 blocks, the own tile 4); at 0.80 it
 # keeps about 13, 9 beyond the own tile: there local rows (4 blocks) can fall short of what the KV rule chooses
 ARMS += [Arm("kv_0.80_budget13", 1.0, 0.80, kv_budget=13 / 64), Arm("bsa_0.80_budget26", 0.5, 0.80, kv_budget=26 / 64),
