@@ -402,6 +402,16 @@ def test_summarize_of_several_checkpoints_creates_no_folder_named_after_the_list
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "sprites", "summary"]
 
 
+def test_an_arms_file_with_a_run_recorded_twice_is_refused_naming_the_run(tmp_path):
+    frontier = _load("finetune_frontier")
+    saved = json.loads((ROOT / "benchmarks" / "results" / "frontier_2026-12-05_sprites" / "arms_seed0.json").read_text())
+    saved["records"].append(saved["records"][-1])
+    path = tmp_path / "arms_seed0.json"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=f"run\\(s\\) \\['{saved['records'][-1]['arm']['name']}'\\]"):
+        frontier.load_arms_file(str(path))
+
+
 @pytest.mark.parametrize("argv, flag", [(["training-free", "--clips", "0"], "--clips"),
                                         (["training-free", "--clips", "5"], "--clips"),
                                         (["finetune", "--arms", "dense,nope"], "--arms"),
