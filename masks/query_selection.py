@@ -359,11 +359,10 @@ def select_queries(q: torch.Tensor, layout: TileLayout, keep_per_window: int, fi
         gap = fill_by_slot.new_zeros(B, H, layout.text_slot_start - fill_by_slot.shape[-1])  # video padding slots
         fill_by_slot = torch.cat([fill_by_slot, gap, text_rows.expand(B, H, -1)], 2)
     local_rows = local_query_rows(layout, k, fill)
-    local_row = torch.zeros(local_start + local_rows, dtype=torch.bool, device=q.device)
     if local_rows:  # the pruned queries' own rows
         local_token, local_valid = _window_rows_padded(layout, selected.pruned_local, local_rows)
         kept_token, kept_valid = torch.cat([kept_token, local_token], 2), torch.cat([kept_valid, local_valid], 2)
-        local_row[local_start:] = True
+    local_row = torch.arange(local_start + local_rows, device=q.device) >= local_start
     return KeptQueries(kept_token=kept_token, kept_valid=kept_valid,
                        fill_source=fill_by_slot.index_select(2, layout.token_slot),
                        local_row=local_row.expand(B, H, -1))
