@@ -1,5 +1,6 @@
-"""Ulysses sequence parallelism on CPU: 2 to 4 gloo processes on loopback against single-process BSA,
-including head counts the ranks do not divide."""
+"""Ulysses sequence parallelism on CPU: 2 to 4 gloo processes on loopback against single-process BSA (keep 1.0,
+and queries pruned with the copy and the local fill), including head counts the ranks do not divide."""
+import dataclasses
 import datetime
 import os
 import socket
@@ -16,6 +17,8 @@ from bsa_flex.synthetic import video_qkv
 
 VIDEO = (4, 6, 8)  # 192 tokens: 96 per rank
 CONFIG = BSAConfig(tile=(2, 2, 4), window=(1, 2, 2), block_size=16, kv_threshold=0.6)
+PRUNED = dataclasses.replace(CONFIG, query_keep_ratio=0.5)  # half the queries, the most similar kept one copied
+PRUNED_LOCAL = dataclasses.replace(PRUNED, fill="local")  # the pruned queries in rows of their own
 
 
 def _free_port() -> int:
@@ -48,7 +51,7 @@ def _assert_same_gradients(out, ref, local, full, shard):
 
 
 def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, compiled: bool, text: tuple,
-               head_chunks: int):
+               head_chunks: int, config: BSAConfig):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a bounded collective timeout: a hung rank fails the test instead of stalling CI
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -60,14 +63,14 @@ def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, com
         score_mod, head_dependent = None, head_chunks > 1 and not compiled
         if head_dependent:  # head indices must reach the score_mod in this rank's numbering
             score_mod = lambda s, b, h, qi, ki: _head_scaled(s, b, h + heads.start, qi, ki)  # noqa: E731
-        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa,  # noqa: E731
+        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, config, enable_gqa=gqa,  # noqa: E731
                                                 prefix_tokens=text[0], suffix_tokens=text[1],
                                                 score_mod=score_mod, head_chunks=head_chunks, return_stats=True)
         if compiled:  # the all-to-alls are functional collectives: one graph with the operator
             run = torch.compile(run, fullgraph=True, dynamic=False)
         with torch.set_grad_enabled(with_grad):
             out, stats = run(*local)
-            ref, ref_stats = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa, prefix_tokens=text[0],
+            ref, ref_stats = bsa_flex.attention(q, k, v, VIDEO, config, enable_gqa=gqa, prefix_tokens=text[0],
                                                 suffix_tokens=text[1], return_stats=True,
                                                 score_mod=_head_scaled if head_dependent else None)
         torch.testing.assert_close(out, ref[:, :, shard], atol=1e-5, rtol=1e-5)
@@ -79,19 +82,22 @@ def _rank_main(rank: int, world: int, port: int, with_grad: bool, gqa: bool, com
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("with_grad,gqa,compiled,text,head_chunks", [
-    (True, False, False, (0, 0), 1), (True, True, False, (0, 0), 1), (False, False, False, (0, 0), 1),
-    (False, False, True, (0, 0), 1), (True, True, False, (5, 11), 1), (True, False, False, (0, 0), 2),
-    (False, False, True, (0, 0), 2)],
+@pytest.mark.parametrize("with_grad,gqa,compiled,text,head_chunks,config", [
+    (True, False, False, (0, 0), 1, CONFIG), (True, True, False, (0, 0), 1, CONFIG),
+    (False, False, False, (0, 0), 1, CONFIG), (False, False, True, (0, 0), 1, CONFIG),
+    (True, True, False, (5, 11), 1, CONFIG), (True, False, False, (0, 0), 2, CONFIG),
+    (False, False, True, (0, 0), 2, CONFIG), (True, True, False, (5, 11), 1, PRUNED),
+    (False, False, True, (0, 0), 1, PRUNED_LOCAL)],
     ids=["grads", "grads_gqa", "forward", "forward_fullgraph_compiled", "grads_gqa_text_tokens",
-         "grads_two_head_chunks_head_dependent_score_mod", "forward_fullgraph_compiled_two_head_chunks"])
-def test_two_gloo_ranks_equal_single_process_bsa(with_grad, gqa, compiled, text, head_chunks):
-    mp.start_processes(_rank_main, args=(2, _free_port(), with_grad, gqa, compiled, text, head_chunks), nprocs=2,
-                       join=True, start_method="spawn")
+         "grads_two_head_chunks_head_dependent_score_mod", "forward_fullgraph_compiled_two_head_chunks",
+         "grads_gqa_text_tokens_queries_pruned", "forward_fullgraph_compiled_queries_pruned_local_fill"])
+def test_two_gloo_ranks_equal_single_process_bsa(with_grad, gqa, compiled, text, head_chunks, config):
+    mp.start_processes(_rank_main, args=(2, _free_port(), with_grad, gqa, compiled, text, head_chunks, config),
+                       nprocs=2, join=True, start_method="spawn")
 
 
 def _shared_heads_rank_main(rank: int, world: int, port: int, heads: tuple, with_grad: bool, compiled: bool,
-                            text: tuple):
+                            text: tuple, config: BSAConfig):
     """Ranks that share heads (P does not divide them): output and q/k/v gradients of one process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -100,13 +106,13 @@ def _shared_heads_rank_main(rank: int, world: int, port: int, heads: tuple, with
         shard = slice(rank * q.shape[2] // world, (rank + 1) * q.shape[2] // world)
         local = [t.detach()[:, :, shard].clone().requires_grad_(with_grad) for t in (q, k, v)]
         gqa = heads[0] != heads[1]
-        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa,  # noqa: E731
+        run = lambda q, k, v: ulysses_attention(q, k, v, VIDEO, config, enable_gqa=gqa,  # noqa: E731
                                                 prefix_tokens=text[0], suffix_tokens=text[1])
         if compiled:
             run = torch.compile(run, fullgraph=True, dynamic=False)
         with torch.set_grad_enabled(with_grad):
             out = run(*local)
-            ref = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=gqa, prefix_tokens=text[0],
+            ref = bsa_flex.attention(q, k, v, VIDEO, config, enable_gqa=gqa, prefix_tokens=text[0],
                                      suffix_tokens=text[1])
         torch.testing.assert_close(out, ref[:, :, shard], atol=1e-5, rtol=1e-5)
         if with_grad:
@@ -115,11 +121,13 @@ def _shared_heads_rank_main(rank: int, world: int, port: int, heads: tuple, with
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,heads,with_grad,compiled,text", [
-    (3, (4, 2), True, False, (0, 0)), (4, (6, 6), True, False, (5, 11)), (3, (4, 4), False, True, (0, 0))],
-    ids=["3_ranks_4_q_2_kv_heads_grads", "4_ranks_6_heads_grads_text_tokens", "3_ranks_4_heads_forward_compiled"])
-def test_ranks_that_do_not_divide_the_heads_equal_single_process_bsa(world, heads, with_grad, compiled, text):
-    mp.start_processes(_shared_heads_rank_main, args=(world, _free_port(), heads, with_grad, compiled, text),
+@pytest.mark.parametrize("world,heads,with_grad,compiled,text,config", [
+    (3, (4, 2), True, False, (0, 0), CONFIG), (4, (6, 6), True, False, (5, 11), CONFIG),
+    (3, (4, 4), False, True, (0, 0), CONFIG), (3, (4, 2), True, False, (0, 0), PRUNED_LOCAL)],
+    ids=["3_ranks_4_q_2_kv_heads_grads", "4_ranks_6_heads_grads_text_tokens", "3_ranks_4_heads_forward_compiled",
+         "3_ranks_4_q_2_kv_heads_grads_queries_pruned_local_fill"])
+def test_ranks_that_do_not_divide_the_heads_equal_single_process_bsa(world, heads, with_grad, compiled, text, config):
+    mp.start_processes(_shared_heads_rank_main, args=(world, _free_port(), heads, with_grad, compiled, text, config),
                        nprocs=world, join=True, start_method="spawn")
 
 
@@ -159,15 +167,16 @@ def test_ulysses_without_an_initialised_process_group_says_so():
         ulysses_attention(q, q, q, VIDEO, CONFIG)
 
 
+@pytest.mark.parametrize("config", [CONFIG, PRUNED, PRUNED_LOCAL], ids=["keep_1", "keep_half", "keep_half_local_fill"])
 @pytest.mark.parametrize("with_grad", [True, False], ids=["blockwise_with_gradients", "compiled_forward"])
-def test_the_query_shares_of_a_head_group_sum_to_the_whole_attention_with_finite_gradients(with_grad):
+def test_the_query_shares_of_a_head_group_sum_to_the_whole_attention_with_finite_gradients(with_grad, config):
     """Each share attends its run of query blocks and gives exact zeros elsewhere; the shares' sum is
     one-process BSA, and the q/k/v gradients of the shares (rows attending nothing included) sum to its."""
     from bsa_flex.distributed import rank_attention
     q, k, v = _full_inputs(4, 2, (0, 0), with_grad)
     with torch.set_grad_enabled(with_grad):
-        ref = bsa_flex.attention(q, k, v, VIDEO, CONFIG, enable_gqa=True)
-        parts = [rank_attention(q, k, v, VIDEO, CONFIG, query_share=(i, 3), enable_gqa=True) for i in range(3)]
+        ref = bsa_flex.attention(q, k, v, VIDEO, config, enable_gqa=True)
+        parts = [rank_attention(q, k, v, VIDEO, config, query_share=(i, 3), enable_gqa=True) for i in range(3)]
     assert torch.stack([(p != 0).any(-1) for p in parts]).sum(0).max() <= 1  # one share per token at most
     torch.testing.assert_close(sum(parts), ref, atol=1e-6, rtol=1e-6)
     if with_grad:
