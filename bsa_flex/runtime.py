@@ -11,6 +11,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch._dynamo.comptime import comptime
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from masks import StaticSelection, TileLayout, static_selection, tile_layout
@@ -140,8 +141,17 @@ def plain_ints(values) -> tuple[int, ...]:
     """The values as Python ints. Inside a caller's torch.compile a size or token count that changed between
     calls can arrive symbolic (automatic dynamic shapes); the layout is a constant of its sizes, so each value
     is specialised (a guard: one graph per value, as static shapes give) instead of failing the trace
-    (torch 2.11: "SymNodeVariable() is not a constant")."""
+    (torch 2.11: "SymNodeVariable() is not a constant"), and the specialisation is announced."""
+    comptime(_announce_specialised)  # runs at trace time only: a no-op outside torch.compile
     return tuple(guard_scalar(v) for v in values)
+
+
+def _announce_specialised(ctx) -> None:
+    """At trace time: warn if plain_ints' values are symbolic, i.e. the caller's function will compile per value."""
+    if not ctx.get_local("values").is_python_constant():
+        warnings.warn("bsa_flex: a video size or text-token count changed between calls of your compiled function "
+                      "and is specialised: torch.compile compiles the function once per value (the tile layout is "
+                      "a constant of them); pad to fixed lengths to reuse one graph", BSARecompileWarning)
 
 
 def _needs_grad(q, k, v) -> bool:

@@ -313,5 +313,22 @@ def test_a_size_made_symbolic_by_the_callers_compile_is_specialised_one_graph_pe
     for size in (3, 4, 5):
         x = torch.zeros(size)
         torch._dynamo.maybe_mark_dynamic(x, 0)
-        assert torch.equal(compiled(x), torch.full((size,), float(size)))
+        with pytest.warns(bsa_flex.BSARecompileWarning, match="changed between calls .* is specialised"):
+            assert torch.equal(compiled(x), torch.full((size,), float(size)))
     assert backend.frame_count == 3
+
+
+def test_sizes_that_arrive_as_plain_ints_are_not_announced():
+    """Static shapes (a caller compiled with dynamic=False, bsa_flex's own graph) and eager calls: no warning."""
+    from bsa_flex.runtime import plain_ints
+
+    def plus_size(x):
+        (size,) = plain_ints((x.shape[0],))
+        return x + size
+
+    compiled = torch.compile(plus_size, backend="eager", fullgraph=True, dynamic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BSARecompileWarning)
+        for size in (3, 4):
+            assert torch.equal(compiled(torch.zeros(size)), torch.full((size,), float(size)))
+        assert plain_ints((2, 3)) == (2, 3)
