@@ -42,7 +42,9 @@ class BSAConfig:
     ("local") none: the pruned query attends to its own tile's KV blocks (and the non-video tokens)
     only, as a row of its own in the kernel; its query block attends to the blocks of every tile its
     rows come from (128-token blocks, 4x4x4 tiles, keep 0.5: four tiles, 2 KV blocks), counted in the
-    stats' sparsity.
+    stats' sparsity. ``local_extra_kv_blocks`` (fill "local" only) lets each block of those rows attend
+    that many more KV blocks beyond its tiles', the most probable by its pooled queries (the KV rule's
+    scores, no threshold): the global context a pruned query lacks when it sees its own tile only.
 
     ``kernel`` picks the CUDA attention kernel: "flash" (FlashAttention-4 through FlexAttention's
     FLASH backend), "triton" (FlexAttention's Triton kernel) or "auto" (FLASH wherever it can
@@ -72,6 +74,7 @@ class BSAConfig:
     kv_rule: str = "cumulative"
     kv_zscore: float | torch.Tensor = 1.0
     fill: str = "most_similar"
+    local_extra_kv_blocks: int = 0
     force_own_kv_blocks: bool = True
     block_size: int = 128
     kernel: str = "auto"
@@ -93,6 +96,10 @@ class BSAConfig:
                                  f"({self.max_kv_blocks}) both cap the KV rule: give at most one")
         check_choice("BSAConfig.kv_rule", self.kv_rule, KV_RULES)
         check_choice("BSAConfig.fill", self.fill, FILL_POLICIES)
+        check_int("BSAConfig.local_extra_kv_blocks", self.local_extra_kv_blocks, 0)
+        if self.local_extra_kv_blocks and self.fill != "local":
+            raise ValueError(f"BSAConfig.local_extra_kv_blocks ({self.local_extra_kv_blocks}) applies to the rows "
+                             f"of fill='local' only, got fill={self.fill!r}: set fill='local' or leave it 0")
         check_bool("BSAConfig.force_own_kv_blocks", self.force_own_kv_blocks)
         if not self.force_own_kv_blocks and self.min_kv_blocks < 1:
             raise ValueError("BSAConfig.force_own_kv_blocks=False needs min_kv_blocks >= 1: otherwise the "

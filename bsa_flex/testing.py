@@ -62,7 +62,8 @@ def configs(draw, block_sizes=(16, 32), max_tile_side: int = 4) -> BSAConfig:
         kv_budget=draw(st.none() | st.floats(0.05, 1.0)) if cap is None else None,
         kv_rule=draw(st.sampled_from(KV_RULES)),
         kv_zscore=draw(st.floats(-1.0, 3.0)),
-        fill=draw(st.sampled_from(FILL_POLICIES)),
+        fill=(fill := draw(st.sampled_from(FILL_POLICIES))),
+        local_extra_kv_blocks=draw(st.integers(0, 3)) if fill == "local" else 0,
         force_own_kv_blocks=min_blocks == 0 or draw(st.booleans()),
         block_size=draw(st.sampled_from(block_sizes)),
     )
@@ -186,8 +187,8 @@ def _check_kv_blocks(selection: Selection, layout: TileLayout) -> None:
 
 
 def _check_local_rows(selection: Selection, layout: TileLayout, config: BSAConfig, local_rows: int) -> None:
-    """Local rows list the pruned queries window by window, each block attending exactly its tiles' KV
-    blocks and the non-video ones."""
+    """Local rows list the pruned queries window by window, each block attending its tiles' KV blocks and the
+    non-video ones, and exactly ``local_extra_kv_blocks`` other video blocks (or all there are)."""
     Nq, bs = selection.kept_token.shape[-1], layout.block_size
     _, window = _video_windows(layout)
     pruned_per_window = layout.window_tokens - config.keep_per_window
@@ -199,9 +200,14 @@ def _check_local_rows(selection: Selection, layout: TileLayout, config: BSAConfi
     first = (tile_start // bs).view(-1, bs).amin(-1, keepdim=True)
     last = ((tile_start + layout.tile_tokens - 1) // bs).view(-1, bs).amax(-1, keepdim=True)
     kv = torch.arange(layout.num_kv_blocks, device=window.device)
-    own = (kv >= first) & (kv <= last) & layout.kv_block_valid
-    assert bool((selection.kv_blocks[..., (Nq - local_rows) // bs:, :] == (own | layout.kv_block_text)).all()), \
-        "a local row does not attend exactly its own tiles' KV blocks"
+    own = (kv >= first) & (kv <= last) & layout.kv_block_valid | layout.kv_block_text
+    local = selection.kv_blocks[..., (Nq - local_rows) // bs:, :]
+    assert bool((local | ~own).all()), "a local row skips one of its own tiles' KV blocks"
+    extra = local & ~own
+    assert not bool((extra & ~layout.kv_block_video).any()), "a local row's extra KV block is not a video block"
+    others = (layout.kv_block_video & ~own).sum(-1)
+    assert torch.equal(extra.sum(-1), others.clamp_max(config.local_extra_kv_blocks).expand_as(extra.sum(-1))), \
+        "a local row block does not attend local_extra_kv_blocks more KV blocks than its own tiles'"
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

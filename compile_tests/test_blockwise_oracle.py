@@ -69,8 +69,9 @@ def test_sparsity_counts_the_token_pairs_not_computed(inputs, config):
 def test_local_fill_keeps_the_copy_rules_selection_and_kept_fraction_and_pays_its_rows_in_the_sparsity(inputs,
                                                                                                       config):
     q, k, v = (t.detach().requires_grad_() for t in inputs.qkv)
-    runs = [bsa_flex.attention(q, k, v, inputs.video_shape, replace(config, fill=fill), enable_gqa=inputs.enable_gqa,
-                               return_stats=True)[1] for fill in ("most_similar", "local")]
+    copy_config = replace(config, fill="most_similar", local_extra_kv_blocks=0)
+    runs = [bsa_flex.attention(q, k, v, inputs.video_shape, c, enable_gqa=inputs.enable_gqa, return_stats=True)[1]
+            for c in (copy_config, replace(config, fill="local"))]
     copy, local = runs
     kept_rows = copy.selection.kept_token.shape[-1]
     assert torch.equal(local.selection.kept_token[..., :kept_rows], copy.selection.kept_token)

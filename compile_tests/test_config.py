@@ -46,6 +46,7 @@ def test_lists_are_normalised_to_tuples():
     ("max_kv_blocks", 0, ValueError), ("max_kv_blocks", "4", TypeError),
     ("kv_budget", 0.0, ValueError), ("kv_budget", 1.5, ValueError), ("kv_budget", "0.1", TypeError),
     ("kv_rule", "topk", ValueError), ("fill", "zero", ValueError), ("force_own_kv_blocks", 1, TypeError),
+    ("local_extra_kv_blocks", -1, ValueError), ("local_extra_kv_blocks", 1.0, TypeError),
     ("block_size", 96, ValueError), ("block_size", 8, ValueError), ("block_size", 128.0, TypeError),
 ])
 def test_invalid_field_raises_naming_the_field(field, value, error):
@@ -56,6 +57,12 @@ def test_invalid_field_raises_naming_the_field(field, value, error):
 def test_unforced_own_blocks_need_at_least_one_kv_block_per_query_block():
     with pytest.raises(ValueError, match="force_own_kv_blocks=False needs min_kv_blocks >= 1"):
         BSAConfig(force_own_kv_blocks=False, min_kv_blocks=0)
+
+
+@pytest.mark.parametrize("fill", ["most_similar", "anchor", "nearest", "none"])
+def test_extra_kv_blocks_for_local_rows_are_refused_without_the_local_fill(fill):
+    with pytest.raises(ValueError, match="local_extra_kv_blocks.*fill='local' only"):
+        BSAConfig(query_keep_ratio=0.5, fill=fill, local_extra_kv_blocks=2)
 
 
 def test_a_kv_budget_and_a_block_cap_together_are_refused():

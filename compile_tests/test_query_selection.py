@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 import bsa_flex
 from bsa_flex import BSAConfig
 from bsa_flex.testing import attention_inputs, configs, video_shapes
-from masks import (compact_queries, fill_from_kept, gather_tokens, local_query_rows, select_queries, static_selection,
-                   tile_layout)
+from masks import (compact_queries, fill_from_kept, gather_tokens, kv_block_probs, local_query_rows, pool_blocks,
+                   select_queries, static_selection, tile_layout)
 
 CPU = torch.device("cpu")
 
@@ -138,7 +138,7 @@ def test_pruned_tokens_copy_the_nearest_kept_query_of_their_window_under_nearest
 
 @given(attention_inputs(requires_grad=True), configs())
 def test_none_fill_gives_pruned_tokens_output_zero_and_no_gradient(inputs, config):
-    config = dataclasses.replace(config, fill="none")
+    config = dataclasses.replace(config, fill="none", local_extra_kv_blocks=0)
     q, k, v = inputs.qkv
     out, stats = bsa_flex.attention(q, k, v, inputs.video_shape, config, enable_gqa=inputs.enable_gqa,
                                     return_stats=True)
@@ -161,6 +161,27 @@ def test_local_fill_gives_each_pruned_token_a_row_of_its_own_after_the_kept_and_
                        torch.arange(layout.num_tokens).expand_as(pruned)[pruned])
     assert bool((kept.fill_source[pruned] >= Nq - local_rows).all())
     assert int(kept.kept_valid[..., Nq - local_rows:].sum(-1).min()) == int(pruned.sum(-1).min())
+
+
+@given(attention_inputs(max_text_tokens=20), configs(), st.integers(1, 4))
+def test_local_rows_extra_kv_blocks_are_the_most_probable_outside_their_own_tiles(inputs, config, extra):
+    """Each block of local rows attends, beyond its tiles' and the non-video KV blocks, the ``extra`` video KV
+    blocks of highest pooled probability for its own queries (ties to the lower block index)."""
+    from bsa_flex.attention import select_sparse
+    from bsa_flex.runtime import make_plan, threshold_tensor
+    config = dataclasses.replace(config, fill="local", local_extra_kv_blocks=extra)
+    q, k, v = inputs.qkv
+    plan = make_plan(q, k, v, inputs.video_shape, config, text_tokens=inputs.text_tokens)
+    ops = select_sparse(q, k, v, threshold_tensor(config.kv_rule_threshold, q.device), plan)
+    layout, bs, local = plan.layout, config.block_size, plan.static.local_kv_blocks
+    first = ops.q_kept.shape[2] - local.shape[0] * bs
+    probs = kv_block_probs(pool_blocks(ops.q_kept[:, :, first:], ops.kept.kept_valid[..., first:], bs),
+                           pool_blocks(ops.k_slots, layout.slot_valid, bs), layout.kv_block_video, plan.scale)
+    allowed = layout.kv_block_video & ~local
+    order = torch.argsort(probs.masked_fill(~allowed, -1.0), dim=-1, descending=True, stable=True)
+    expected = torch.zeros_like(allowed.expand_as(probs)).scatter(
+        -1, order[..., :extra], allowed.expand_as(probs).gather(-1, order[..., :extra]))
+    assert torch.equal(ops.kv_blocks[:, :, first // bs:], local | expected)
 
 
 @settings(max_examples=30)
