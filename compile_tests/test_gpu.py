@@ -40,9 +40,10 @@ CASES = {
     # 715 tokens in 4x4x4 tiles: padding slots, partial blocks, z-score rule, centre fill
     "fp16_padded_zscore_anchor": Case((5, 13, 11), BSAConfig(kv_rule="zscore", kv_zscore=0.5, fill="anchor"),
                                       2, 2, 2, 128, torch.float16),
-    # 715 tokens with padding, the pruned queries in rows of their own attending their tiles (fill "local"), GQA
-    "bf16_padded_local": Case((5, 13, 11), BSAConfig(query_keep_ratio=0.5, fill="local", kv_threshold=0.8),
-                              2, 4, 2, 64, torch.bfloat16),
+    # 715 tokens with padding, the pruned queries in rows of their own attending their tiles and one more KV block
+    # (fill "local", local_extra_kv_blocks), GQA
+    "bf16_padded_local": Case((5, 13, 11), BSAConfig(query_keep_ratio=0.5, fill="local", local_extra_kv_blocks=1,
+                                                     kv_threshold=0.8), 2, 4, 2, 64, torch.bfloat16),
     # 1,080 tokens, flat tiles, a KV budget, float32
     "fp32_budget": Case((6, 10, 18), BSAConfig(tile=(2, 4, 4), window=(1, 2, 2), query_keep_ratio=0.75,
                                                max_kv_blocks=2, kv_threshold=0.8), 1, 2, 2, 32, torch.float32),
