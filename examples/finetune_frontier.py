@@ -176,6 +176,7 @@ ARMS += [Arm("kv_0.80_budget13", 1.0, 0.80, kv_budget=13 / 64), Arm("bsa_0.80_bu
 # the pruned queries' rows given the KV rule's 4 most probable blocks beyond their tile (CPU: 4 + 4 of 64; the kept
 # queries' cap lowered to keep the total), and the same on the GPU setting at 0.93 (2 + 2 of 64)
 ARMS += [Arm("bsa_0.80_local_extra4_budget18", 0.5, 0.80, "local", kv_budget=18 / 64, local_extra_kv_blocks=4),
+         Arm("bsa_0.80_local_extra8_budget14", 0.5, 0.80, "local", kv_budget=14 / 64, local_extra_kv_blocks=8),
          Arm("bsa_0.93_local_extra2_budget6", 0.5, 0.93, "local", kv_budget=6 / 64, local_extra_kv_blocks=2)]
 
 
