@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from masks import (KeptQueries, Selection, compact_queries, fill_from_kept, kv_block_probs, pool_blocks,
-                   select_kv_blocks, select_queries, takes_own_output, to_tile_major, video_query_rows)
+from masks import (KeptQueries, Selection, compact_queries, extra_kv_blocks, fill_from_kept, kv_block_probs,
+                   pool_blocks, select_kv_blocks, select_queries, takes_own_output, to_tile_major, video_query_rows)
 
 from .config import BSAConfig
 from .paths import attend_path
@@ -20,8 +20,7 @@ from .runtime import BSARecompileWarning, make_plan, run_operator
 from .stats import BSAStats
 from .validation import check_choice, check_inputs, check_text_tokens
 
-__all__ = ["attention", "extra_kv_blocks", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning",
-           "TOKEN_ORDERS"]
+__all__ = ["attention", "select_sparse", "sparse_attention", "SparseOperands", "BSARecompileWarning", "TOKEN_ORDERS"]
 
 TOKEN_ORDERS = ("raster", "tile")
 
@@ -62,24 +61,12 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
         if config.local_extra_kv_blocks:  # and the most probable others
             first = q_kept.shape[2] - local.shape[2] * bs
             local = local | extra_kv_blocks(pool_blocks(q_kept[:, :, first:], kept.kept_valid[..., first:], bs),
-                                            pooled_k, local, layout, config.local_extra_kv_blocks, plan.scale)
+                                            pooled_k, local, layout.kv_block_video, config.local_extra_kv_blocks,
+                                            plan.scale)
         kv_blocks = torch.cat([kv_blocks, local], 2)
     if plan.query_share[1] > 1:  # ranks sharing these heads: this one attends its run of query blocks only
         kv_blocks = kv_blocks & query_blocks_in_share(kv_blocks.shape[2], plan.query_share, q.device)[:, None]
     return SparseOperands(q_kept, k_slots, v_slots, kept, kv_blocks)
-
-
-def extra_kv_blocks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, own: torch.Tensor, layout, count: int,
-                    scale: float) -> torch.Tensor:
-    """[B, Hq, nq, nkv] bool: per query block, the ``count`` most probable video KV blocks outside ``own``.
-
-    pooled_q [B, Hq, nq, D], pooled_k [B, Hkv, nkv, D], own [B, Hq, nq, nkv] bool (blocks it attends anyway).
-    The KV rule's pooled scores rank the blocks (ties by block index); no threshold, only the count.
-    """
-    probs = kv_block_probs(pooled_q, pooled_k, layout.kv_block_video, scale).masked_fill(own, -1.0)  # own last
-    everything = torch.ones((), device=probs.device)  # the cumulative rule at p = 1 keeps every block: the cap decides
-    return select_kv_blocks(probs, None, layout.kv_block_video, everything, "cumulative", min_blocks=0,
-                            max_blocks=count) & ~own
 
 
 def query_blocks_in_share(n_blocks: int, share: tuple[int, int], device) -> torch.Tensor:

@@ -10,7 +10,7 @@ from .layout import TileLayout
 from .ordering import stable_argsort
 
 __all__ = ["KV_RULES", "ZSCORE_RANGE", "pool_blocks", "kv_block_probs", "own_kv_blocks", "select_kv_blocks",
-           "valid_threshold"]
+           "extra_kv_blocks", "valid_threshold"]
 
 KV_RULES = ("cumulative", "zscore")
 
@@ -109,3 +109,17 @@ def select_kv_blocks(probs: torch.Tensor, own: torch.Tensor | None, kv_block_val
         keep_sorted = keep_sorted | own.expand_as(probs).gather(-1, order)
     keep_sorted = keep_sorted & kv_block_valid[order]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def extra_kv_blocks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, own: torch.Tensor, kv_block_video: torch.Tensor,
+                    count: int, scale: float) -> torch.Tensor:
+    """[B, Hq, nq, nkv] bool: per query block, the ``count`` most probable video KV blocks outside ``own``.
+
+    pooled_q [B, Hq, nq, D], pooled_k [B, Hkv, nkv, D], own [B, Hq, nq, nkv] bool (blocks it attends anyway),
+    kv_block_video [nkv] bool. The KV rule's pooled scores rank the blocks (ties to the lower block index); no
+    threshold, only the count.
+    """
+    probs = kv_block_probs(pooled_q, pooled_k, kv_block_video, scale).masked_fill(own, -1.0)  # own ones last
+    every_block = torch.ones((), device=probs.device)  # the cumulative rule at p = 1 keeps all: the cap decides
+    return select_kv_blocks(probs, None, kv_block_video, every_block, "cumulative", min_blocks=0,
+                            max_blocks=count) & ~own
