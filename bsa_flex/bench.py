@@ -328,7 +328,7 @@ def bench_case(video_shape, target: float, setup: Setup, geometry: str, kernel: 
                                                  f"{geometry.replace(' ', '')}-{ran}.txt"))
     row = {"video_shape": list(video_shape), "tokens": math.prod(video_shape), "target_sparsity": target,
            "geometry": geometry, "kernel": ran, "query_keep_ratio": config.query_keep_ratio, "fill": config.fill,
-           "sparsity": achieved,
+           "local_extra_kv_blocks": config.local_extra_kv_blocks, "sparsity": achieved,
            "kv_threshold": config.kv_threshold, "bsa": bsa, **baselines, **_speedups(bsa, baselines)}
     if breakdown:
         row["layer_peak_gib"] = _layer_peaks(setup, video_shape, config, baselines["sdpa"]["backend"])

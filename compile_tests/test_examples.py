@@ -476,7 +476,7 @@ def test_an_arm_with_per_layer_keep_ratios_prunes_queries_in_those_layers_only_a
     model = frontier.build_model(frontier.SETTINGS["tiny"], "cpu")
     settings = frontier.schedule_for(arm, 0.6, 10).apply(model.attention_layers, 10**6)
     assert [s.keep_ratio for s in settings] == [1.0, 0.5]
-    speedups = {(tokens, 1.0, False, 0.9): (5.0, "bench.json") for tokens in (23296, 153600)}
+    speedups = {(tokens, 1.0, None, 0.9): (5.0, "bench.json") for tokens in (23296, 153600)}
     assert frontier.split_speedups(dataclasses.asdict(arm), speedups) == ((None, None), (None, None))
     plain = dataclasses.asdict(frontier.Arm("kv", 1.0, 0.9))
     assert frontier.split_speedups(plain, speedups) == ((5.0, "bench.json"),) * 2
@@ -493,6 +493,8 @@ def test_a_local_fill_arm_takes_the_speed_up_of_the_bench_rows_with_local_rows_a
     copy = dataclasses.asdict(next(a for a in frontier.ARMS if a.name == "bsa_0.93_budget"))
     assert frontier.split_speedups(local, speedups)[1] == (11.0, "bench.json (flash)")
     assert frontier.split_speedups(copy, speedups)[1] == (12.0, "bench.json (flash)")
+    extra = dataclasses.asdict(next(a for a in frontier.ARMS if a.name == "bsa_0.93_local_extra2_budget6"))
+    assert frontier.split_speedups(extra, speedups)[1] == (None, None)  # no bench row has local rows with extras
 
 
 def test_a_flow_time_split_arm_takes_its_groups_sparsities_and_the_sampler_weighted_speed_up():
@@ -508,7 +510,7 @@ def test_a_flow_time_split_arm_takes_its_groups_sparsities_and_the_sampler_weigh
         at_time(t)
         assert {(layer.config.keep_per_window, layer.config.kv_budget) for layer in model.attention_layers} == {
             (keep, budget)}
-    speedups = {(tokens, keep, False, 0.93): (s, "bench.json") for tokens in (23296, 153600)
+    speedups = {(tokens, keep, None, 0.93): (s, "bench.json") for tokens in (23296, 153600)
                 for keep, s in ((1.0, 10.0), (0.25, 20.0))}
     (small, _), (large, source) = frontier.split_speedups(dataclasses.asdict(arm), speedups, time_shift=3.0)
     assert small == large == pytest.approx(1 / (0.5 / 10.0 + 0.5 / 20.0))  # shift 3: half the steps at t >= 0.75
