@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import bsa_flex
 from bsa_flex import BSAConfig
 from bsa_flex.synthetic import video_qkv
-from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs, relative_error
+from bsa_flex.testing import assert_matches_oracle, attention_inputs, check_selection, configs
 from masks import Selection, reference_attention, tile_layout, tokens_with_same_selection
 
 from .cases import relative_position_bias
@@ -49,8 +49,9 @@ def test_dense_config_equals_sdpa_with_gradients(inputs, config):
     g = torch.randn_like(out)
     out.backward(g)
     ref.backward(g)
-    for got, want in zip((q, k, v), leaves):
-        assert relative_error(got.grad, want.grad.double()) < 1e-3
+    for got, want in zip((q, k, v), leaves):  # both float32: 1e-3 relative, above an RMS floor of float32 rounding
+        error, scale = (got.grad - want.grad).double().norm(), want.grad.double().norm()  # (one key: dq is noise)
+        assert error <= 1e-3 * scale + 1e-5 * want.grad.numel() ** 0.5
 
 
 @given(attention_inputs(), configs())
