@@ -23,6 +23,7 @@ at the Wan shapes in ``python -m bsa_flex.bench --part frontier``), frontier.png
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import glob
@@ -479,8 +480,7 @@ def load_arms_file(path: str) -> dict:
     for r in saved["records"]:
         r.setdefault("run", r["arm"]["name"])
         r.setdefault("finetune_steps", saved["setting"]["finetune_steps"])
-    runs = [r["run"] for r in saved["records"]]
-    twice = sorted({run for run in runs if runs.count(run) > 1})
+    twice = sorted(run for run, n in collections.Counter(r["run"] for r in saved["records"]).items() if n > 1)
     if twice:  # a merge that copied a record twice would weight that seed double in the mean and the spread
         raise ValueError(f"{path}: more than one record of run(s) {twice}; one record per run and seed expected")
     return saved
