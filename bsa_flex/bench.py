@@ -47,7 +47,8 @@ SWEEP_SPARSITIES = (0.90, 0.95)
 GEOMETRIES = {"keep 0.5": {"query_keep_ratio": 0.5}, "keep 0.25": {"query_keep_ratio": 0.25}, "keep 1.0": {"query_keep_ratio": 1.0},
               # the pruned queries attend to their own tiles' KV blocks: rows of their own in the kernel
               "keep 0.5 local": {"query_keep_ratio": 0.5, "fill": "local"},
-              "keep 0.25 local": {"query_keep_ratio": 0.25, "fill": "local"}}
+              "keep 0.25 local": {"query_keep_ratio": 0.25, "fill": "local"},
+              "keep 0.5 local extra2": {"query_keep_ratio": 0.5, "fill": "local", "local_extra_kv_blocks": 2}}
 BROKEN_DOWN = ("keep 0.5", "keep 1.0")  # the paper's split and BSAConfig()'s: the Wan rows with the full breakdown
 FUSED_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                        "efficient": SDPBackend.EFFICIENT_ATTENTION}

@@ -169,7 +169,8 @@ ARMS += [Arm("bsa_0.93_local_budget8", 0.5, 0.93, "local", kv_budget=8 / 64),
          Arm("bsa_0.93_keep0.25_local_budget6", 0.25, 0.93, "local", kv_budget=6 / 64),  # CPU: three quarters local
          Arm("bsa_0.93_keep0.25_local_budget12", 0.25, 0.93, "local", kv_budget=12 / 64),  # GPU: 0.25 x 12 + 0.75 x 2
          Arm("bsa_0.90_local_budget11", 0.5, 0.90, "local", kv_budget=11 / 64),  # GPU: the frontier's other totals
-         Arm("bsa_0.95_local_budget5", 0.5, 0.95, "local", kv_budget=5 / 64)]
+         Arm("bsa_0.95_local_budget5", 0.5, 0.95, "local", kv_budget=5 / 64),
+         Arm("bsa_0.95_keep0.25_local_budget7", 0.25, 0.95, "local", kv_budget=7 / 64)]  # GPU: 0.25 x 7 + 0.75 x 2
 # at the CPU setting the KV side at 0.93 is itself nearly local (4.7 of 64 blocks, the own tile 4); at 0.80 it
 # keeps about 13, 9 beyond the own tile: there local rows (4 blocks) can fall short of what the KV rule chooses
 ARMS += [Arm("kv_0.80_budget13", 1.0, 0.80, kv_budget=13 / 64), Arm("bsa_0.80_budget26", 0.5, 0.80, kv_budget=26 / 64),
