@@ -41,7 +41,7 @@ def select_sparse(q, k, v, threshold: torch.Tensor, plan: BSAPlan) -> SparseOper
     bs = layout.block_size
     tiled = plan.in_tile_order
     kept = select_queries(q, layout, config.keep_per_window, config.fill, tiled)  # tile, select queries
-    q_kept = q if plan.queries_in_slot_order else compact_queries(q, kept, layout, tiled)  # compact queries
+    q_kept = compact_queries(q, kept, layout, tiled)  # compact queries
     k_slots, v_slots = to_tile_major(k, layout, tiled), to_tile_major(v, layout, tiled)
     video_rows = video_query_rows(layout, config.keep_per_window)  # non-video query rows follow
     pooled_k = pool_blocks(k_slots, layout.slot_valid, bs)
@@ -87,12 +87,9 @@ def sparse_attention(q, k, v, threshold: torch.Tensor, plan: BSAPlan):
     kept = ops.kept
     out_kept, lse_kept = attend_path(plan.kernel)(ops.q_kept, ops.k_slots, ops.v_slots, ops.kv_blocks,
                                                   kept.kept_token, plan)  # attend (block mask built inside)
-    if plan.queries_in_slot_order:  # every row its own: nothing to fill or untile
-        out, lse = out_kept, lse_kept
-    else:
-        fill_source, candidates = fill_in_input_order(kept, plan)
-        out = fill_from_kept(out_kept, fill_source, candidates, plan.static.fill_candidate_valid)  # fill, untile
-        lse = None if lse_kept is None else lse_kept.gather(2, fill_source)
+    fill_source, candidates = fill_in_input_order(kept, plan)
+    out = fill_from_kept(out_kept, fill_source, candidates, plan.static.fill_candidate_valid)  # fill, untile
+    lse = None if lse_kept is None else lse_kept.gather(2, fill_source)
     if plan.config.fill == "none":  # a pruned query attends to nothing: output 0, its residual passes through
         own = takes_own_output(kept)
         out, lse = zero_where_pruned(out, lse, own[..., plan.layout.tile_order] if plan.in_tile_order else own)

@@ -44,13 +44,3 @@ class BSAPlan:
     def keep_per_window(self) -> int:
         """Kept queries per window."""
         return self.config.keep_per_window
-
-    @property
-    def queries_in_slot_order(self) -> bool:
-        """Every query kept and q already in slot order (the tile order of a layout without padding
-        slots): the compact queries are q itself and each output row is its own compact row. Not on
-        Inductor's CPU Flex template, which cannot take the pointwise ops after it as an epilogue
-        (torch 2.13: NotImplementedError) and needs a copy between."""
-        layout = self.layout
-        return (self.in_tile_order and self.keep_per_window == layout.window_tokens
-                and layout.num_slots == layout.num_tokens and self.kernel != "flex_cpu")

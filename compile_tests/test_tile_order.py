@@ -8,8 +8,6 @@ from hypothesis import given, settings, strategies as st
 import bsa_flex
 from bsa_flex import BSAConfig
 from bsa_flex.testing import attention_inputs, configs, video_shapes
-from bsa_flex.attention import select_sparse
-from bsa_flex.runtime import make_plan, threshold_tensor
 from masks import tile_layout, to_tile_major
 
 CPU = torch.device("cpu")
@@ -75,39 +73,6 @@ def test_keys_in_tile_order_without_tile_padding_are_used_as_they_are():
     layout = tile_layout((4, 8, 8), (4, 4, 4), (2, 2, 2), 16, CPU)
     k = torch.randn(1, 2, 256, 16)
     assert to_tile_major(k, layout, in_tile_order=True) is k
-
-
-@pytest.mark.parametrize("text", [(0, 0), (16, 0)])
-def test_every_query_kept_in_tile_order_without_padding_attends_q_itself_and_returns_its_rows(text):
-    """Keep 1.0 in the tile order of a layout without padding slots: the compact queries are q
-    (no copy) and the output is the kernel's rows as they are, equal to the raster API's."""
-    video_shape, config = (4, 8, 8), BSAConfig(block_size=16, kv_threshold=0.7)
-    S = 256 + sum(text)
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 2, S, 16, generator=g) for _ in range(3))
-    order = bsa_flex.tile_order(video_shape, config, prefix_tokens=text[0], suffix_tokens=text[1])
-    tiled = [t[:, :, order.to_tile] for t in (q, k, v)]
-    leaves = [t.requires_grad_() for t in tiled]  # on the CPU: the blockwise path (FlexAttention has no backward)
-    plan = make_plan(*leaves, video_shape, config, text_tokens=text, token_order="tile")
-    assert plan.queries_in_slot_order
-    assert select_sparse(*leaves, threshold_tensor(0.7, CPU), plan).q_kept is leaves[0]
-    inputs = bsa_flex.testing.AttentionInputs((q, k, v), video_shape, False, text)
-    raster, tile = (_run(inputs, config, order, token_order, grad=True) for token_order in ("raster", "tile"))
-    assert torch.equal(raster[0], tile[0])
-    for a, b in zip(raster[1], tile[1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-
-
-def test_pruned_queries_padding_raster_order_or_the_cpu_template_keep_the_compact_copy():
-    config = BSAConfig(block_size=16)
-    q = torch.randn(1, 2, 256, 16)
-    half = dataclasses.replace(config, query_keep_ratio=0.5)
-    for video_shape, cfg, token_order, grad in [((4, 8, 8), half, "tile", True), ((4, 8, 8), config, "raster", True),
-                                                ((3, 8, 8), config, "tile", True),  # padding slots
-                                                ((4, 8, 8), config, "tile", False)]:  # no grad on CPU: Flex's CPU template
-        S = video_shape[0] * video_shape[1] * video_shape[2]
-        x = q[:, :, :S].clone().requires_grad_(grad)
-        assert not make_plan(x, x, x, video_shape, cfg, token_order=token_order).queries_in_slot_order
 
 
 def test_an_unknown_token_order_is_refused_naming_it():
