@@ -180,6 +180,11 @@ ARMS += [Arm("kv_0.80_budget13", 1.0, 0.80, kv_budget=13 / 64), Arm("bsa_0.80_bu
 ARMS += [Arm("bsa_0.80_local_extra4_budget18", 0.5, 0.80, "local", kv_budget=18 / 64, local_extra_kv_blocks=4),
          Arm("bsa_0.80_local_extra8_budget14", 0.5, 0.80, "local", kv_budget=14 / 64, local_extra_kv_blocks=8),
          Arm("bsa_0.93_local_extra2_budget6", 0.5, 0.93, "local", kv_budget=6 / 64, local_extra_kv_blocks=2)]
+# where the splits come within 2% of dense (CPU setting, total 0.60): KV only, and keep 0.5 with the pruned queries'
+# rows over their own tile (4 of 64) or 8 more of the most probable blocks; the kept queries' cap keeps the total
+ARMS += [Arm("kv_0.60_budget26", 1.0, 0.60, kv_budget=26 / 64),
+         Arm("bsa_0.60_local_budget47", 0.5, 0.60, "local", kv_budget=47 / 64),
+         Arm("bsa_0.60_local_extra8_budget39", 0.5, 0.60, "local", kv_budget=39 / 64, local_extra_kv_blocks=8)]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
