@@ -185,6 +185,10 @@ ARMS += [Arm("bsa_0.80_local_extra4_budget18", 0.5, 0.80, "local", kv_budget=18 
 ARMS += [Arm("kv_0.60_budget26", 1.0, 0.60, kv_budget=26 / 64),
          Arm("bsa_0.60_local_budget47", 0.5, 0.60, "local", kv_budget=47 / 64),
          Arm("bsa_0.60_local_extra8_budget39", 0.5, 0.60, "local", kv_budget=39 / 64, local_extra_kv_blocks=8)]
+# the GPU setting's next questions: extra blocks where a quarter is kept (0.25 x 6 + 0.75 x (2 + 2) of 64 at
+# 0.93), and more of them at 0.90 (0.5 x 7 + 0.5 x (2 + 4))
+ARMS += [Arm("bsa_0.93_keep0.25_local_extra2_budget6", 0.25, 0.93, "local", kv_budget=6 / 64, local_extra_kv_blocks=2),
+         Arm("bsa_0.90_local_extra4_budget7", 0.5, 0.90, "local", kv_budget=7 / 64, local_extra_kv_blocks=4)]
 
 
 # 100 since 2026-12-05 (20 before): on a small sprites model the samples' spread grew with the step count, 0.82 of
