@@ -184,7 +184,9 @@ ARMS += [Arm("bsa_0.80_local_extra4_budget18", 0.5, 0.80, "local", kv_budget=18 
 # rows over their own tile (4 of 64) or 8 more of the most probable blocks; the kept queries' cap keeps the total
 ARMS += [Arm("kv_0.60_budget26", 1.0, 0.60, kv_budget=26 / 64),
          Arm("bsa_0.60_local_budget47", 0.5, 0.60, "local", kv_budget=47 / 64),
-         Arm("bsa_0.60_local_extra8_budget39", 0.5, 0.60, "local", kv_budget=39 / 64, local_extra_kv_blocks=8)]
+         Arm("bsa_0.60_local_extra8_budget39", 0.5, 0.60, "local", kv_budget=39 / 64, local_extra_kv_blocks=8),
+         Arm("kv_0.70_budget19", 1.0, 0.70, kv_budget=19 / 64),  # between 0.60 and 0.80 (0.5 x 26 + 0.5 x 12)
+         Arm("bsa_0.70_local_extra8_budget26", 0.5, 0.70, "local", kv_budget=26 / 64, local_extra_kv_blocks=8)]
 # the GPU setting's next questions: extra blocks where a quarter is kept (0.25 x 6 + 0.75 x (2 + 2) of 64 at
 # 0.93), and more of them at 0.90 (0.5 x 7 + 0.5 x (2 + 4))
 ARMS += [Arm("bsa_0.93_keep0.25_local_extra2_budget6", 0.25, 0.93, "local", kv_budget=6 / 64, local_extra_kv_blocks=2),
