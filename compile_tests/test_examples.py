@@ -459,6 +459,13 @@ def test_records_written_before_run_labels_summarize_to_the_gaps_recorded_then(t
     assert {r["finetune_steps"] for r in summary["rows"]} == {300}
 
 
+def test_the_gpu_settings_defaults_pretrain_the_recorded_shifted_checkpoints_recipe():
+    """`pretrain` without flags reproduces the setting of the checkpoint the latest GPU arms ran on."""
+    frontier = _load("finetune_frontier")
+    folder = ROOT / "benchmarks" / "results" / "frontier_2026-12-06_shift3b"
+    assert frontier.checkpoint_setting(str(folder)) == frontier.SETTINGS["gpu"]
+
+
 def test_a_checkpoint_recorded_before_the_learning_rate_decay_reads_back_as_constant_rate(tmp_path):
     frontier = _load("finetune_frontier")
     fields = dataclasses.asdict(frontier.SETTINGS["tiny"])

@@ -78,8 +78,11 @@ SETTINGS = {
     # average and twice the clips per step since 2026-12-05 (validation loss 0.1425 against 0.1496; the samples
     # still blobs); time shift 3 since the same day: flat-coloured objects appear in the samples (without it,
     # a nearly flat sample), at a higher validation loss (0.196: the loss weighs every time alike, the shift
-    # trains less at low noise)
-    "gpu": Setting(latent=(16, 32, 64), batch=8, pretrain_ema=0.999, time_shift=3.0),
+    # trains less at low noise); the sprites scene and 5,000 steps since 2026-12-06, the recipe of the shifted
+    # checkpoints every later GPU arm ran on (before, each run passed them as flags; one run without them
+    # pre-trained the textured scene for 3,000 steps)
+    "gpu": Setting(latent=(16, 32, 64), batch=8, pretrain_steps=5000, pretrain_ema=0.999, time_shift=3.0,
+                   scene="sprites"),
     # for CPU probes of relative gaps: 8 x 8 x 16 = 1,024 tokens, 64 KV blocks of 16 as in the GPU setting, the
     # sprites scene; pre-trains in about 10 minutes on 2 cores alone (one thread per run when two share them);
     # too small to sample shapes (2026-12-05: validation loss 0.72, samples noise)
