@@ -528,7 +528,7 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def local_rows(split: dict) -> int | None:
+def fill_kernel_key(split: dict) -> int | None:
     """What a bench row's or an arm's pruned queries cost the kernel: None for the copy rules (no rows of their
     own, the same kernel whichever they copy), else the extra KV blocks of their local rows (0, 1, ...). Rows
     and arms without a ``fill`` (before 2026-12-06) copied a kept query's output."""
@@ -536,7 +536,7 @@ def local_rows(split: dict) -> int | None:
 
 
 def bench_speedups(paths: list[str]) -> dict:
-    """(tokens, keep ratio, :func:`local_rows`, target sparsity) -> (fwd+bwd speed-up over the best SDPA, the
+    """(tokens, keep ratio, :func:`fill_kernel_key`, target sparsity) -> (fwd+bwd speed-up over the best SDPA, the
     bench file), from bench JSONs: FLASH rows where there are any, an earlier file before a later one; {} without
     any."""
     found = {}
@@ -545,7 +545,7 @@ def bench_speedups(paths: list[str]) -> dict:
             rows = json.load(f)["rows"]
         for r in sorted(rows, key=lambda r: r["kernel"] == "flash"):  # FLASH rows written last win
             if "speedup_vs_sdpa_fwd_bwd" in r:
-                key = r["tokens"], r["query_keep_ratio"], local_rows(r), round(r["target_sparsity"], 2)
+                key = r["tokens"], r["query_keep_ratio"], fill_kernel_key(r), round(r["target_sparsity"], 2)
                 found[key] = (r["speedup_vs_sdpa_fwd_bwd"], f"{os.path.basename(path)} ({r['kernel']})")
     return found
 
@@ -564,7 +564,7 @@ def split_speedups(arm: dict, speedups: dict, time_shift: float = 1.0) -> tuple[
     shares = [a - b for a, b in zip(above, above[1:] + [0.0])]
     found = []
     for tokens in (23296, 153600):
-        per_group = [speedups.get((tokens, keep, local_rows(arm), arm["target"])) for keep in keeps]
+        per_group = [speedups.get((tokens, keep, fill_kernel_key(arm), arm["target"])) for keep in keeps]
         if any(g is None for g in per_group):
             found.append((None, None))
         elif len(keeps) == 1:
